@@ -1,0 +1,244 @@
+"""The ``starvit`` command line: parses arguments and calls the domain modules.
+
+User mistakes (a missing folder, a bad URL, an unreachable server) end in one clear line on
+stderr and exit status 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from starvit_assets.settings import DBT_PROJECT_DIR, REPO_ROOT, SettingsError, StarvitSettings, load_settings
+
+EXIT_USER_ERROR = 2
+DEFAULT_DEMO_PATIENTS = 50
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# --- fhir ---------------------------------------------------------------------------------
+def cmd_fhir_synth(args: argparse.Namespace) -> int:
+    from starvit_assets.fhir.synth import generate
+
+    if args.patients < 1:
+        raise CliError("--patients must be at least 1")
+    counts = generate(Path(args.out), patients=args.patients, seed=args.seed)
+    for resource_type, count in counts.items():
+        print(f"{resource_type:<20} {count:>10}")
+    print(f"wrote {sum(counts.values())} resources to {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_fhir_serve(args: argparse.Namespace) -> int:
+    from starvit_assets.fhir.server import BulkDataServer
+
+    data = _existing_ndjson_folder(args.data)
+    server = BulkDataServer(data, host=args.host, port=args.port)
+    print(f"serving FHIR Bulk Data from {data} (Ctrl-C to stop)")
+    server.serve_forever(on_ready=lambda url: print(f"base URL: {url}", flush=True))
+    return 0
+
+
+def cmd_fhir_export(args: argparse.Namespace) -> int:
+    from starvit_assets.fhir.client import BulkDataClient
+
+    types = [t.strip() for t in args.type.split(",") if t.strip()] if args.type else None
+    result = BulkDataClient(args.base_url).export(Path(args.out), types=types, since=args.since)
+    for resource_type, count in sorted(result.counts.items()):
+        print(f"{resource_type:<20} {count:>10}")
+    print(f"transactionTime {result.transaction_time}; manifest at {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _existing_ndjson_folder(folder: str) -> Path:
+    path = Path(folder).expanduser().resolve()
+    if not path.is_dir():
+        raise CliError(f"{path} is not a folder")
+    if not any(path.glob("*.ndjson")):
+        raise CliError(f"{path} holds no .ndjson files")
+    return path
+
+
+# --- views --------------------------------------------------------------------------------
+def cmd_views_conformance(args: argparse.Namespace) -> int:
+    from starvit_assets.views.conformance import run_conformance
+
+    tests_dir = Path(args.dir)
+    if not tests_dir.is_dir():
+        raise CliError(f"{tests_dir} is not a folder of SQL on FHIR test files")
+    summary = run_conformance(tests_dir, Path(args.report))
+    print(f"{summary.passed} passed, {summary.failed} failed")
+    for failure in summary.failures:
+        print(f"  FAILED {failure}")
+    return 0 if summary.failed == 0 else 1
+
+
+# --- db / dbt -----------------------------------------------------------------------------
+def cmd_db_url(args: argparse.Namespace) -> int:
+    from starvit_assets import platform
+
+    settings = load_settings()
+    platform.ensure_dirs(settings)
+    endpoints = platform.resolve_endpoints(settings)
+    print(f"warehouse schemas: {settings.raw_schema}, {settings.schema('refined')}, {settings.schema('derived')}")
+    print(endpoints.warehouse_dsn)
+    return 0
+
+
+def cmd_db_stop(args: argparse.Namespace) -> int:
+    from starvit_assets.warehouse.embedded import stop_embedded_postgres
+
+    settings = load_settings()
+    stopped = stop_embedded_postgres(settings.pgdata_dir)
+    print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+    return 0
+
+
+def cmd_dbt_prepare(args: argparse.Namespace) -> int:
+    prepare_dbt_manifest()
+    print(f"dbt manifest written to {DBT_PROJECT_DIR / 'target' / 'manifest.json'}")
+    return 0
+
+
+def prepare_dbt_manifest() -> None:
+    """Parse the dbt project once, at install time, so loading definitions never parses it."""
+    from dagster_dbt import DbtCliResource
+
+    from starvit_assets.clinical.seeds import write_seeds
+
+    write_seeds(DBT_PROJECT_DIR / "seeds")
+    DbtCliResource(project_dir=str(DBT_PROJECT_DIR), profiles_dir=str(DBT_PROJECT_DIR)).cli(
+        ["parse", "--quiet"], raise_on_error=True
+    ).wait()
+
+
+# --- demo / dev ---------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from starvit_assets.demo import run_demo
+
+    data = _existing_ndjson_folder(args.data) if args.data else None
+    if args.patients < 1:
+        raise CliError("--patients must be at least 1")
+    return run_demo(data=data, patients=args.patients, seed=args.seed)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from starvit_assets import platform
+    from starvit_assets.demo import ensure_source_data
+
+    settings = load_settings()
+    platform.ensure_dirs(settings)
+    platform.activate(settings)
+    ensure_source_data(settings, patients=DEFAULT_DEMO_PATIENTS, seed=1)
+    command = ["dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-p", str(args.port)]
+    print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={settings.dagster_home})")
+    os.execvp(command[0], command)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from starvit_assets.bench import run_bench
+
+    return run_bench(patients=args.patients, out=Path(args.out), seed=args.seed)
+
+
+# --- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="starvit", description="Starvit data platform")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    zones = parser.add_subparsers(dest="command", required=True)
+
+    fhir = zones.add_parser("fhir", help="FHIR synthetic data, local Bulk Data server, export client")
+    fhir_commands = fhir.add_subparsers(dest="fhir_command", required=True)
+    synth = fhir_commands.add_parser("synth", help="generate deterministic synthetic NDJSON")
+    synth.add_argument("--patients", type=int, default=100)
+    synth.add_argument("--seed", type=int, default=1)
+    synth.add_argument("--out", required=True)
+    synth.set_defaults(handler=cmd_fhir_synth)
+    serve = fhir_commands.add_parser("serve", help="serve a folder of NDJSON as a Bulk Data server")
+    serve.add_argument("--data", required=True)
+    serve.add_argument("--port", type=int, default=8090)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.set_defaults(handler=cmd_fhir_serve)
+    export = fhir_commands.add_parser("export", help="run a Bulk Data $export and download it")
+    export.add_argument("--base-url", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--type", help="comma-separated resource types")
+    export.add_argument("--since", help="FHIR instant: only resources updated after it")
+    export.set_defaults(handler=cmd_fhir_export)
+
+    views = zones.add_parser("views", help="SQL on FHIR v2 ViewDefinitions")
+    views_commands = views.add_subparsers(dest="views_command", required=True)
+    conformance = views_commands.add_parser("conformance", help="run SQL on FHIR test files")
+    conformance.add_argument("dir")
+    conformance.add_argument("--report", required=True)
+    conformance.set_defaults(handler=cmd_views_conformance)
+
+    db = zones.add_parser("db", help="the warehouse database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("url", help="start the embedded server if needed; print the DSN").set_defaults(
+        handler=cmd_db_url
+    )
+    db_commands.add_parser("stop", help="stop the embedded server").set_defaults(handler=cmd_db_stop)
+
+    dbt = zones.add_parser("dbt", help="the dbt project")
+    dbt_commands = dbt.add_subparsers(dest="dbt_command", required=True)
+    dbt_commands.add_parser("prepare", help="generate seeds and parse the manifest").set_defaults(
+        handler=cmd_dbt_prepare
+    )
+
+    demo = zones.add_parser("demo", help="run the whole lineage headless and print a summary")
+    demo.add_argument("--data", help="folder of your own NDJSON files instead of synthetic data")
+    demo.add_argument("--patients", type=int, default=DEFAULT_DEMO_PATIENTS)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.set_defaults(handler=cmd_demo)
+
+    dev = zones.add_parser("dev", help="start the Dagster UI on the embedded defaults")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(handler=cmd_dev)
+
+    bench = zones.add_parser("bench", help="run the lineage on a larger synthetic set")
+    bench.add_argument("--patients", type=int, default=10_000)
+    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--out", default="bench.json")
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from starvit_assets.exports import ExportRecordError
+    from starvit_assets.fhir.errors import ExportError
+    from starvit_assets.warehouse.embedded import EmbeddedPostgresError
+
+    return (CliError, SettingsError, ExportError, ExportRecordError, EmbeddedPostgresError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except _user_errors() as error:
+        print(f"starvit: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def settings_summary(settings: StarvitSettings) -> str:
+    return json.dumps({"home": str(settings.home), "env": settings.env.value}, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The one place that assembles the Starvit Definitions and applies the shared policies.
+
+Each zone module defines its own assets and checks; here every asset spec passes once
+through ``apply_platform_policies``, which sets owners, freshness, zone tags and retention.
+An asset in a group with no policy fails the load: nothing goes unowned.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+
+from starvit_assets.defs.automation import daily_full_lineage, full_lineage_job, new_fhir_data
+from starvit_assets.defs.dbt import dbt_models, dbt_resource
+from starvit_assets.defs.deid_raw import DEID_ASSETS
+from starvit_assets.defs.extract import fhir_export
+from starvit_assets.defs.graph import tigergraph_load
+from starvit_assets.defs.resources import PlatformResource
+from starvit_assets.defs.warehouse import WAREHOUSE_RAW_ASSETS
+from starvit_assets.settings import load_settings
+
+
+class PolicyMissingError(Exception):
+    pass
+
+
+DATA_PLATFORM = "team:data-platform"
+PRIVACY = "team:privacy-engineering"
+ANALYTICS = "team:analytics-engineering"
+
+ZONE_POLICIES: dict[str, dict[str, str]] = {
+    "phi_extract": {
+        "owner": DATA_PLATFORM,
+        "zone": "phi",
+        "retention": "PHI staging: purged once de-identified; never kept past 7 days",
+    },
+    "deid_raw": {
+        "owner": PRIVACY,
+        "zone": "research",
+        "retention": "immutable partitions per export; kept 6 years",
+    },
+    "warehouse_raw": {"owner": DATA_PLATFORM, "zone": "research", "retention": "6 years"},
+    "staging": {"owner": ANALYTICS, "zone": "research", "retention": "view over raw; no copy"},
+    "refined": {"owner": ANALYTICS, "zone": "research", "retention": "rebuilt from raw; 6 years"},
+    "derived": {"owner": ANALYTICS, "zone": "research", "retention": "rebuilt from refined; 6 years"},
+    "reference": {"owner": ANALYTICS, "zone": "research", "retention": "versioned in git"},
+    "graph": {"owner": DATA_PLATFORM, "zone": "research", "retention": "replaced on every load"},
+}
+
+DAILY_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=dt.timedelta(hours=30), warn_window=dt.timedelta(hours=26)
+)
+
+
+def apply_platform_policies(spec: dg.AssetSpec) -> dg.AssetSpec:
+    group = spec.group_name or "default"
+    policy = ZONE_POLICIES.get(group)
+    if policy is None:
+        raise PolicyMissingError(f"asset {spec.key.to_user_string()} is in group {group!r}, which has no policy")
+    return spec.replace_attributes(
+        owners=list(spec.owners) or [policy["owner"]],
+        freshness_policy=spec.freshness_policy or DAILY_FRESHNESS,
+        tags={**spec.tags, "starvit/zone": policy["zone"]},
+        metadata={**spec.metadata, "retention": policy["retention"]},
+    )
+
+
+def build_definitions() -> dg.Definitions:
+    settings = load_settings()
+    definitions = dg.Definitions(
+        assets=[fhir_export, *DEID_ASSETS, *WAREHOUSE_RAW_ASSETS, dbt_models, tigergraph_load],
+        jobs=[full_lineage_job],
+        schedules=[daily_full_lineage],
+        sensors=[new_fhir_data],
+        resources={
+            "platform": PlatformResource(),
+            "dbt": dbt_resource(settings.warehouse_target.value),
+        },
+    )
+    return definitions.map_asset_specs(func=apply_platform_policies)
+
+
+defs = build_definitions()

@@ -1,0 +1,139 @@
+"""``starvit demo``: the whole lineage, headless, on synthetic or a user's own NDJSON.
+
+Materializes every asset into the persistent Dagster instance (so the run shows in the UI
+afterwards) and prints what was built, row counts, check outcomes and where outputs are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from starvit_assets import platform
+from starvit_assets.settings import DBT_PROJECT_DIR, StarvitSettings, load_settings
+
+SOURCE_MARKER = ".starvit-synth.json"
+
+
+@dataclass
+class RunSummary:
+    success: bool
+    materialized: list[str] = field(default_factory=list)
+    checks_passed: list[str] = field(default_factory=list)
+    checks_failed: list[str] = field(default_factory=list)
+    failed_steps: list[str] = field(default_factory=list)
+
+
+def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -> Path:
+    """Synthetic NDJSON in the embedded source folder, regenerated only when asked for other data."""
+    from starvit_assets.fhir.synth import generate
+
+    folder = settings.embedded_source_dir
+    wanted = {"patients": patients, "seed": seed}
+    marker = folder / SOURCE_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    generate(folder, patients=patients, seed=seed)
+    marker.write_text(json.dumps(wanted))
+    return folder
+
+
+def materialize_all(settings: StarvitSettings) -> RunSummary:
+    """Run the ``full_lineage`` job in process against the persistent instance."""
+    from dagster import DagsterEventType, DagsterInstance
+
+    from starvit_assets.definitions import defs
+
+    job = defs.resolve_job_def("full_lineage")
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    summary = RunSummary(success=result.success)
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            materialization = event.step_materialization_data.materialization
+            summary.materialized.append(materialization.asset_key.to_user_string())
+        elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
+            evaluation = event.asset_check_evaluation_data
+            name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+            (summary.checks_passed if evaluation.passed else summary.checks_failed).append(name)
+        elif event.event_type == DagsterEventType.STEP_FAILURE and event.step_key:
+            summary.failed_steps.append(event.step_key)
+    return summary
+
+
+def warehouse_row_counts(dsn: str, schemas: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with psycopg.connect(dsn) as connection:
+        tables = connection.execute(
+            "select table_schema, table_name from information_schema.tables "
+            "where table_schema = any(%s) order by 1, 2",
+            (schemas,),
+        ).fetchall()
+        for schema, table in tables:
+            row = connection.execute(
+                sql.SQL("select count(*) from {}").format(sql.Identifier(schema, table))
+            ).fetchone()
+            counts[f"{schema}.{table}"] = int(row[0]) if row else 0
+    return counts
+
+
+def run_demo(*, data: Path | None, patients: int, seed: int) -> int:
+    from starvit_assets.fhir.server import BulkDataServer
+
+    if data is not None:
+        os.environ["STARVIT_SOURCE_DIR"] = str(data)
+    settings = load_settings()
+    platform.ensure_dirs(settings)
+    print(f"starvit demo: state folder {settings.home}")
+    endpoints = platform.activate(settings)
+    print("  embedded PostgreSQL ready" if not settings.warehouse_dsn else "  warehouse reachable")
+    if data is None:
+        source = ensure_source_data(settings, patients=patients, seed=seed)
+        print(f"  synthetic FHIR data: {patients} patients (seed {seed})")
+    else:
+        source = data
+        print(f"  your FHIR data: {source}")
+
+    with BulkDataServer(source) as server:
+        os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
+        print(f"  local Bulk Data server at {server.base_url}")
+        print("  materializing the whole asset graph ...")
+        summary = materialize_all(load_settings())
+
+    counts = warehouse_row_counts(
+        endpoints.warehouse_dsn, [settings.schema(layer) for layer in ("raw", "refined", "derived")]
+    )
+    _print_summary(settings, summary, counts, endpoints.warehouse_dsn)
+    return 0 if summary.success and not summary.checks_failed else 1
+
+
+def _print_summary(
+    settings: StarvitSettings, summary: RunSummary, counts: dict[str, int], dsn: str
+) -> None:
+    by_zone = Counter(key.split("/")[0] for key in summary.materialized)
+    print()
+    print(f"Run {'succeeded' if summary.success else 'FAILED'}")
+    print(f"Assets materialized: {len(set(summary.materialized))}  ({', '.join(f'{z} {n}' for z, n in sorted(by_zone.items()))})")
+    print(f"Checks passed: {len(summary.checks_passed)}   failed: {len(summary.checks_failed)}")
+    for name in summary.checks_failed:
+        print(f"  FAILED check {name}")
+    for step in summary.failed_steps:
+        print(f"  FAILED step {step}")
+    print("Rows per table:")
+    for table, count in counts.items():
+        print(f"  {table:<45} {count:>9}")
+    print("Outputs:")
+    print(f"  raw Parquet lake      {settings.lake_root}")
+    print(f"  graph loading files   {settings.graph_dir / 'load'}")
+    print(f"  dbt project           {DBT_PROJECT_DIR}")
+    print(f"  warehouse DSN         {dsn}")
+    print("Open the UI: make dev   (then http://127.0.0.1:3000)")

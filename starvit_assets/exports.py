@@ -1,0 +1,74 @@
+"""Records of completed exports, shared by the PHI zone and the de-identification gate.
+
+A record names an export and its staged files; it holds no PHI (ids, counts, file names,
+the server's transaction time), so it lives in the state folder. The staged NDJSON it points
+to lives under ``phi/staging/<export_id>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from starvit_assets.settings import StarvitSettings
+
+
+class ExportRecordError(Exception):
+    """No usable export record; the message says which asset to materialize first."""
+
+
+@dataclass(frozen=True)
+class StagedExport:
+    export_id: str
+    resource_type: str
+    transaction_time: str
+    files: tuple[str, ...]
+    count: int
+
+    def paths(self, settings: StarvitSettings) -> list[Path]:
+        return [staging_dir(settings, self.export_id) / name for name in self.files]
+
+
+def export_id_for(transaction_time: str) -> str:
+    """A filesystem-safe export id derived from the manifest's transactionTime."""
+    return re.sub(r"[^0-9A-Za-z]", "", transaction_time.replace("+", "p"))
+
+
+def staging_dir(settings: StarvitSettings, export_id: str) -> Path:
+    return settings.phi_staging_dir / export_id
+
+
+def _latest_path(settings: StarvitSettings, resource_type: str) -> Path:
+    return settings.state_dir / "exports" / "latest" / f"{resource_type}.json"
+
+
+def record_staged_export(settings: StarvitSettings, export: StagedExport) -> None:
+    path = _latest_path(settings, export.resource_type)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(asdict(export), indent=2))
+    os.replace(temporary, path)
+
+
+def latest_staged_export(settings: StarvitSettings, resource_type: str) -> StagedExport:
+    path = _latest_path(settings, resource_type)
+    if not path.is_file():
+        raise ExportRecordError(
+            f"no export of {resource_type} has been recorded: materialize fhir/{resource_type} first"
+        )
+    raw = json.loads(path.read_text())
+    return StagedExport(
+        export_id=raw["export_id"],
+        resource_type=raw["resource_type"],
+        transaction_time=raw["transaction_time"],
+        files=tuple(raw["files"]),
+        count=int(raw["count"]),
+    )
+
+
+def leak_hashes_path(settings: StarvitSettings) -> Path:
+    """Salted hashes of identifying values seen in exports (PHI zone, hashes only)."""
+    return settings.phi_dir / "leak_hashes.bin"

@@ -1,0 +1,124 @@
+"""Data contracts of the raw tables as pandera schemas: types, nullability, keys, allowed values.
+
+The column types come from the de-identified Arrow schema; the rules below add what a type
+cannot say. Failures are reported by column and check only, never by cell value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandera.pandas as pa_schema
+import pyarrow as pa
+
+LINEAGE_COLUMNS = ("_export_id", "_source_file", "_source_line", "_content_hash", "_policy_version")
+GENDERS = ("male", "female", "other", "unknown")
+
+
+@dataclass(frozen=True)
+class TableContract:
+    table: str
+    key: str
+    required: tuple[str, ...] = ()
+    allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    grain: str = ""
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "grain": self.grain,
+            "key": self.key,
+            "required": ", ".join(self.required),
+        }
+
+
+CONTRACTS: dict[str, TableContract] = {
+    "patient": TableContract(
+        "patient",
+        key="patient_id",
+        allowed={"gender": GENDERS},
+        ranges={"birth_year": (1850, 2100)},
+        grain="one row per Patient resource version in an export",
+    ),
+    "encounter": TableContract(
+        "encounter",
+        key="encounter_id",
+        required=("patient_id",),
+        grain="one row per Encounter resource version in an export",
+    ),
+    "observation": TableContract(
+        "observation",
+        key="observation_id",
+        required=("patient_id",),
+        grain="one row per Observation resource version in an export",
+    ),
+    "condition": TableContract(
+        "condition",
+        key="condition_id",
+        required=("patient_id",),
+        grain="one row per Condition resource version in an export",
+    ),
+    "medication_request": TableContract(
+        "medication_request",
+        key="medication_request_id",
+        required=("patient_id",),
+        grain="one row per MedicationRequest resource version in an export",
+    ),
+}
+
+
+class ContractViolation(Exception):
+    pass
+
+
+def _dtype(arrow_type: pa.DataType) -> str:
+    if pa.types.is_boolean(arrow_type):
+        return "boolean"
+    if pa.types.is_integer(arrow_type):
+        return "Int64"
+    if pa.types.is_floating(arrow_type):
+        return "float64"
+    return "string"
+
+
+def pandera_schema(contract: TableContract, arrow_schema: pa.Schema) -> pa_schema.DataFrameSchema:
+    columns: dict[str, pa_schema.Column] = {}
+    for arrow_field in arrow_schema:
+        name = arrow_field.name
+        checks: list[pa_schema.Check] = []
+        if name in contract.allowed:
+            checks.append(pa_schema.Check.isin(list(contract.allowed[name])))
+        if name in contract.ranges:
+            low, high = contract.ranges[name]
+            checks.append(pa_schema.Check.in_range(low, high))
+        columns[name] = pa_schema.Column(
+            _dtype(arrow_field.type),
+            checks=checks,
+            nullable=not (name == contract.key or name in contract.required or name in LINEAGE_COLUMNS),
+            unique=name == contract.key,
+        )
+    return pa_schema.DataFrameSchema(columns, strict=True, coerce=False)
+
+
+def validate(contract: TableContract, table: pa.Table) -> list[str]:
+    """Contract failures as 'column: check (n rows)' strings; empty when the table conforms."""
+    frame = table.to_pandas(types_mapper=_pandas_type)
+    try:
+        pandera_schema(contract, table.schema).validate(frame, lazy=True)
+    except pa_schema.errors.SchemaErrors as errors:
+        cases = errors.failure_cases
+        grouped = cases.groupby(["column", "check"], dropna=False).size()
+        return [f"{column}: {check} ({count} rows)" for (column, check), count in grouped.items()]
+    return []
+
+
+def _pandas_type(arrow_type: pa.DataType) -> object:
+    import pandas as pd
+
+    if pa.types.is_string(arrow_type):
+        return pd.StringDtype()
+    if pa.types.is_integer(arrow_type):
+        return pd.Int64Dtype()
+    if pa.types.is_boolean(arrow_type):
+        return pd.BooleanDtype()
+    return None

@@ -1,0 +1,163 @@
+"""Platform settings, read from the environment (prefix ``STARVIT_``) with pydantic-settings.
+
+All local state lives under one folder, ``STARVIT_HOME`` (default ``.starvit/`` in the
+checkout). PHI may be written only below ``phi_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
+
+KEY_BYTES = 32
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    STAGE = "stage"
+    PROD = "prod"
+
+
+class WarehouseTarget(StrEnum):
+    POSTGRES = "postgres"
+    BIGQUERY = "bigquery"
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message says which and how to fix it."""
+
+
+class StarvitSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STARVIT_", extra="ignore")
+
+    home: Path = Field(default=REPO_ROOT / ".starvit", description="Folder for all local state")
+    env: Environment = Environment.DEV
+    warehouse_target: WarehouseTarget = WarehouseTarget.POSTGRES
+    warehouse_dsn: SecretStr | None = Field(
+        default=None, description="External warehouse Postgres DSN; embedded server when unset"
+    )
+    dagster_dsn: SecretStr | None = Field(
+        default=None, description="External Postgres DSN for Dagster storage; embedded when unset"
+    )
+    fhir_base_url: str | None = Field(
+        default=None,
+        description="FHIR Bulk Data base URL; when unset a local server is started over source_dir",
+    )
+    source_dir: Path | None = Field(
+        default=None, description="Folder of NDJSON served by the embedded FHIR server"
+    )
+    lake_dir: Path | None = Field(default=None, description="Raw Parquet lake; default home/lake")
+    pseudonymisation_key: SecretStr | None = Field(
+        default=None, description="Hex-encoded HMAC key (64 hex characters)"
+    )
+    pseudonymisation_key_file: Path | None = Field(
+        default=None, description="File holding the hex-encoded HMAC key"
+    )
+    export_types: str = "Patient,Encounter,Observation,Condition,MedicationRequest"
+
+    @model_validator(mode="after")
+    def _absolute_home(self) -> StarvitSettings:
+        self.home = self.home.expanduser().resolve()
+        return self
+
+    # --- folders -----------------------------------------------------------------------
+    @property
+    def phi_dir(self) -> Path:
+        return self.home / "phi"
+
+    @property
+    def phi_staging_dir(self) -> Path:
+        return self.phi_dir / "staging"
+
+    @property
+    def embedded_source_dir(self) -> Path:
+        """Synthetic or user NDJSON served by the embedded FHIR server: PHI, so under phi/."""
+        return self.source_dir.resolve() if self.source_dir else self.phi_dir / "source"
+
+    @property
+    def lake_root(self) -> Path:
+        return (self.lake_dir or self.home / "lake").resolve()
+
+    @property
+    def state_dir(self) -> Path:
+        """Non-PHI bookkeeping: export records, watermarks, the dev key."""
+        return self.home / "state"
+
+    @property
+    def graph_dir(self) -> Path:
+        return self.home / "graph"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster_home"
+
+    @property
+    def pgdata_dir(self) -> Path:
+        return self.home / "pgdata"
+
+    @property
+    def resource_types(self) -> list[str]:
+        return [t.strip() for t in self.export_types.split(",") if t.strip()]
+
+    # --- warehouse schemas ---------------------------------------------------------------
+    def schema(self, layer: str) -> str:
+        return f"sv_{self.env.value}_{layer}"
+
+    @property
+    def raw_schema(self) -> str:
+        return self.schema("raw")
+
+    # --- secrets -------------------------------------------------------------------------
+    @cached_property
+    def key(self) -> bytes:
+        """The pseudonymisation key; a dev key is generated on first local run, never printed."""
+        if self.pseudonymisation_key is not None:
+            return _decode_key(self.pseudonymisation_key.get_secret_value(), "STARVIT_PSEUDONYMISATION_KEY")
+        if self.pseudonymisation_key_file is not None:
+            if not self.pseudonymisation_key_file.is_file():
+                raise SettingsError(
+                    f"STARVIT_PSEUDONYMISATION_KEY_FILE points to {self.pseudonymisation_key_file}, "
+                    "which is not a file"
+                )
+            return _decode_key(
+                self.pseudonymisation_key_file.read_text().strip(),
+                "STARVIT_PSEUDONYMISATION_KEY_FILE",
+            )
+        if self.env is not Environment.DEV:
+            raise SettingsError(
+                f"environment {self.env.value} needs STARVIT_PSEUDONYMISATION_KEY or "
+                "STARVIT_PSEUDONYMISATION_KEY_FILE: a generated dev key is allowed only in dev"
+            )
+        return _dev_key(self.state_dir / "dev-pseudonymisation.key")
+
+
+def _decode_key(text: str, source: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise SettingsError(f"{source} must be hex-encoded") from None
+    if len(key) < KEY_BYTES:
+        raise SettingsError(f"{source} must hold at least {KEY_BYTES} bytes ({2 * KEY_BYTES} hex characters)")
+    return key
+
+
+def _dev_key(path: Path) -> bytes:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(KEY_BYTES))
+    return _decode_key(path.read_text().strip(), str(path))
+
+
+def load_settings() -> StarvitSettings:
+    return StarvitSettings()

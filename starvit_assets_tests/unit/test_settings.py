@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from starvit_assets.settings import Environment, SettingsError, StarvitSettings
+
+
+def test_dev_key_is_generated_once_private_and_reused(tmp_path: Path) -> None:
+    settings = StarvitSettings(home=tmp_path)
+    key = settings.key
+    key_file = tmp_path / "state" / "dev-pseudonymisation.key"
+
+    assert len(key) == 32
+    assert key_file.stat().st_mode & 0o077 == 0
+    assert StarvitSettings(home=tmp_path).key == key
+    assert key.hex() not in repr(settings)
+
+
+def test_non_dev_environment_requires_a_configured_key(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="needs STARVIT_PSEUDONYMISATION_KEY"):
+        _ = StarvitSettings(home=tmp_path, env=Environment.PROD).key
+
+
+def test_key_from_file_and_short_keys_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("ab" * 32 + "\n")
+    assert StarvitSettings(home=tmp_path, pseudonymisation_key_file=key_file).key == bytes([0xAB] * 32)
+    key_file.write_text("abcd")
+    with pytest.raises(SettingsError, match="at least 32 bytes"):
+        _ = StarvitSettings(home=tmp_path, pseudonymisation_key_file=key_file).key
+
+
+def test_schemas_follow_the_naming_convention(tmp_path: Path) -> None:
+    settings = StarvitSettings(home=tmp_path, env=Environment.STAGE)
+    assert settings.raw_schema == "sv_stage_raw"
+    assert settings.schema("derived") == "sv_stage_derived"
+    assert settings.phi_staging_dir == tmp_path.resolve() / "phi" / "staging"
