@@ -14,7 +14,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from starvit_assets.settings import DBT_PROJECT_DIR, REPO_ROOT, SettingsError, StarvitSettings, load_settings
+from starvit_assets.settings import (
+    DBT_PROJECT_DIR,
+    REPO_ROOT,
+    SettingsError,
+    StarvitSettings,
+    load_settings,
+)
 
 EXIT_USER_ERROR = 2
 DEFAULT_DEMO_PATIENTS = 50
@@ -54,7 +60,9 @@ def cmd_fhir_export(args: argparse.Namespace) -> int:
     result = BulkDataClient(args.base_url).export(Path(args.out), types=types, since=args.since)
     for resource_type, count in sorted(result.counts.items()):
         print(f"{resource_type:<20} {count:>10}")
-    print(f"transactionTime {result.transaction_time}; manifest at {Path(args.out) / 'manifest.json'}")
+    print(
+        f"transactionTime {result.transaction_time}; manifest at {Path(args.out) / 'manifest.json'}"
+    )
     return 0
 
 
@@ -88,7 +96,9 @@ def cmd_db_url(args: argparse.Namespace) -> int:
     settings = load_settings()
     platform.ensure_dirs(settings)
     endpoints = platform.resolve_endpoints(settings)
-    print(f"warehouse schemas: {settings.raw_schema}, {settings.schema('refined')}, {settings.schema('derived')}")
+    print(
+        f"warehouse schemas: {settings.raw_schema}, {settings.schema_name('refined')}, {settings.schema_name('derived')}"
+    )
     print(endpoints.warehouse_dsn)
     return 0
 
@@ -155,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     zones = parser.add_subparsers(dest="command", required=True)
 
-    fhir = zones.add_parser("fhir", help="FHIR synthetic data, local Bulk Data server, export client")
+    fhir = zones.add_parser(
+        "fhir", help="FHIR synthetic data, local Bulk Data server, export client"
+    )
     fhir_commands = fhir.add_subparsers(dest="fhir_command", required=True)
     synth = fhir_commands.add_parser("synth", help="generate deterministic synthetic NDJSON")
     synth.add_argument("--patients", type=int, default=100)
@@ -183,10 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = zones.add_parser("db", help="the warehouse database")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("url", help="start the embedded server if needed; print the DSN").set_defaults(
-        handler=cmd_db_url
+    db_commands.add_parser(
+        "url", help="start the embedded server if needed; print the DSN"
+    ).set_defaults(handler=cmd_db_url)
+    db_commands.add_parser("stop", help="stop the embedded server").set_defaults(
+        handler=cmd_db_stop
     )
-    db_commands.add_parser("stop", help="stop the embedded server").set_defaults(handler=cmd_db_stop)
 
     dbt = zones.add_parser("dbt", help="the dbt project")
     dbt_commands = dbt.add_subparsers(dest="dbt_command", required=True)
@@ -224,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
     )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

@@ -43,7 +43,11 @@ ZONE_POLICIES: dict[str, dict[str, str]] = {
     "warehouse_raw": {"owner": DATA_PLATFORM, "zone": "research", "retention": "6 years"},
     "staging": {"owner": ANALYTICS, "zone": "research", "retention": "view over raw; no copy"},
     "refined": {"owner": ANALYTICS, "zone": "research", "retention": "rebuilt from raw; 6 years"},
-    "derived": {"owner": ANALYTICS, "zone": "research", "retention": "rebuilt from refined; 6 years"},
+    "derived": {
+        "owner": ANALYTICS,
+        "zone": "research",
+        "retention": "rebuilt from refined; 6 years",
+    },
     "reference": {"owner": ANALYTICS, "zone": "research", "retention": "versioned in git"},
     "graph": {"owner": DATA_PLATFORM, "zone": "research", "retention": "replaced on every load"},
 }
@@ -57,7 +61,9 @@ def apply_platform_policies(spec: dg.AssetSpec) -> dg.AssetSpec:
     group = spec.group_name or "default"
     policy = ZONE_POLICIES.get(group)
     if policy is None:
-        raise PolicyMissingError(f"asset {spec.key.to_user_string()} is in group {group!r}, which has no policy")
+        raise PolicyMissingError(
+            f"asset {spec.key.to_user_string()} is in group {group!r}, which has no policy"
+        )
     return spec.replace_attributes(
         owners=list(spec.owners) or [policy["owner"]],
         freshness_policy=spec.freshness_policy or DAILY_FRESHNESS,

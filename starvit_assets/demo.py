@@ -110,7 +110,7 @@ def run_demo(*, data: Path | None, patients: int, seed: int) -> int:
         summary = materialize_all(load_settings())
 
     counts = warehouse_row_counts(
-        endpoints.warehouse_dsn, [settings.schema(layer) for layer in ("raw", "refined", "derived")]
+        endpoints.warehouse_dsn, [settings.schema_name(layer) for layer in ("raw", "refined", "derived")]
     )
     _print_summary(settings, summary, counts, endpoints.warehouse_dsn)
     return 0 if summary.success and not summary.checks_failed else 1
@@ -122,7 +122,9 @@ def _print_summary(
     by_zone = Counter(key.split("/")[0] for key in summary.materialized)
     print()
     print(f"Run {'succeeded' if summary.success else 'FAILED'}")
-    print(f"Assets materialized: {len(set(summary.materialized))}  ({', '.join(f'{z} {n}' for z, n in sorted(by_zone.items()))})")
+    print(
+        f"Assets materialized: {len(set(summary.materialized))}  ({', '.join(f'{z} {n}' for z, n in sorted(by_zone.items()))})"
+    )
     print(f"Checks passed: {len(summary.checks_passed)}   failed: {len(summary.checks_failed)}")
     for name in summary.checks_failed:
         print(f"  FAILED check {name}")

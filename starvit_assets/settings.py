@@ -109,19 +109,21 @@ class StarvitSettings(BaseSettings):
         return [t.strip() for t in self.export_types.split(",") if t.strip()]
 
     # --- warehouse schemas ---------------------------------------------------------------
-    def schema(self, layer: str) -> str:
+    def schema_name(self, layer: str) -> str:
         return f"sv_{self.env.value}_{layer}"
 
     @property
     def raw_schema(self) -> str:
-        return self.schema("raw")
+        return self.schema_name("raw")
 
     # --- secrets -------------------------------------------------------------------------
     @cached_property
     def key(self) -> bytes:
         """The pseudonymisation key; a dev key is generated on first local run, never printed."""
         if self.pseudonymisation_key is not None:
-            return _decode_key(self.pseudonymisation_key.get_secret_value(), "STARVIT_PSEUDONYMISATION_KEY")
+            return _decode_key(
+                self.pseudonymisation_key.get_secret_value(), "STARVIT_PSEUDONYMISATION_KEY"
+            )
         if self.pseudonymisation_key_file is not None:
             if not self.pseudonymisation_key_file.is_file():
                 raise SettingsError(
@@ -146,7 +148,9 @@ def _decode_key(text: str, source: str) -> bytes:
     except ValueError:
         raise SettingsError(f"{source} must be hex-encoded") from None
     if len(key) < KEY_BYTES:
-        raise SettingsError(f"{source} must hold at least {KEY_BYTES} bytes ({2 * KEY_BYTES} hex characters)")
+        raise SettingsError(
+            f"{source} must hold at least {KEY_BYTES} bytes ({2 * KEY_BYTES} hex characters)"
+        )
     return key
 
 

@@ -40,7 +40,11 @@ def platform_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformE
     for name in _ISOLATED_VARIABLES:
         os.environ.pop(name, None)
     os.environ.update(
-        {"STARVIT_HOME": str(home), "STARVIT_ENV": "dev", "STARVIT_PSEUDONYMISATION_KEY": TEST_KEY_HEX}
+        {
+            "STARVIT_HOME": str(home),
+            "STARVIT_ENV": "dev",
+            "STARVIT_PSEUDONYMISATION_KEY": TEST_KEY_HEX,
+        }
     )
     try:
         yield PlatformEnv(home=home, key=bytes.fromhex(TEST_KEY_HEX))

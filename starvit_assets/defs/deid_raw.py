@@ -14,11 +14,11 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from starvit_assets.defs.extract import fhir_asset_key
+from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.deid.engine import LocalDeidEngine
 from starvit_assets.deid.leak import LeakHashSet
 from starvit_assets.deid.policy import load_policy
-from starvit_assets.defs.extract import fhir_asset_key
-from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.exports import (
     ExportRecordError,
     StagedExport,
@@ -139,7 +139,12 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
         lake.stage(table, export.export_id, result.table)
         checks = list(
             _check_results(
-                key, contract, result.table, settings, export, result.resources_read,
+                key,
+                contract,
+                result.table,
+                settings,
+                export,
+                result.resources_read,
                 result.resources_without_rows,
             )
         )

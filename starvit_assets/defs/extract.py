@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.deid.leak import LeakHashSet
 from starvit_assets.exports import (
     StagedExport,
@@ -23,7 +24,6 @@ from starvit_assets.exports import (
     record_staged_export,
     staging_dir,
 )
-from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.fhir.client import BulkDataClient, ExportResult
 from starvit_assets.fhir.server import BulkDataServer
 from starvit_assets.settings import StarvitSettings
@@ -142,7 +142,9 @@ def fhir_export(
         )
 
 
-def _remember_identifying_values(settings: StarvitSettings, folder: Path, result: ExportResult) -> None:
+def _remember_identifying_values(
+    settings: StarvitSettings, folder: Path, result: ExportResult
+) -> None:
     """Add the exported patients' identifying values to the salted leak hash set."""
     path = leak_hashes_path(settings)
     hashes = LeakHashSet.load(path, settings.key) if path.exists() else LeakHashSet(settings.key)

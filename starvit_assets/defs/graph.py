@@ -39,7 +39,7 @@ def tigergraph_load(
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     settings = platform.settings
     with platform.warehouse_connection() as connection:
-        graph = read_graph_data(connection, settings.schema("refined"), settings.schema("derived"))
+        graph = read_graph_data(connection, settings.schema_name("refined"), settings.schema_name("derived"))
     out_dir = settings.graph_dir / "load"
     write_loading_files(graph, out_dir)
     expected = graph.counts()
@@ -48,7 +48,10 @@ def tigergraph_load(
         asset_key=GRAPH_KEY,
         check_name=RECONCILE_CHECK,
         passed=expected == on_disk,
-        metadata={"expected": dg.MetadataValue.json(expected), "written": dg.MetadataValue.json(on_disk)},
+        metadata={
+            "expected": dg.MetadataValue.json(expected),
+            "written": dg.MetadataValue.json(on_disk),
+        },
     )
     yield dg.MaterializeResult(
         asset_key=GRAPH_KEY,

@@ -83,19 +83,22 @@ def count_csv_rows(out_dir: Path) -> dict[str, int]:
 
 
 def loading_job() -> str:
-    lines = [f"USE GRAPH {GRAPH_NAME}", f"CREATE LOADING JOB load_starvit FOR GRAPH {GRAPH_NAME} {{"]
+    lines = [
+        f"USE GRAPH {GRAPH_NAME}",
+        f"CREATE LOADING JOB load_starvit FOR GRAPH {GRAPH_NAME} {{",
+    ]
     for vertex in VERTEX_TYPES:
         lines.append(f'  DEFINE FILENAME f_{vertex.name} = "./{vertex.name}.csv";')
     for edge in EDGE_TYPES:
         lines.append(f'  DEFINE FILENAME f_{edge.name} = "./{edge.name}.csv";')
     for vertex in VERTEX_TYPES:
-        values = ", ".join(f"$\"{attr}\"" for attr in vertex.attributes)
+        values = ", ".join(f'$"{attr}"' for attr in vertex.attributes)
         lines.append(
             f"  LOAD f_{vertex.name} TO VERTEX {vertex.name} VALUES ({values}) "
             'USING header="true", separator=",";'
         )
     for edge in EDGE_TYPES:
-        values = ", ".join(f"$\"{attr}\"" for attr in edge.attributes)
+        values = ", ".join(f'$"{attr}"' for attr in edge.attributes)
         lines.append(
             f"  LOAD f_{edge.name} TO EDGE {edge.name} VALUES ({values}) "
             'USING header="true", separator=",";'

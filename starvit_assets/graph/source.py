@@ -15,7 +15,7 @@ GRAPH_SOURCE_MODELS = (
 
 
 def read_graph_data(connection: psycopg.Connection, refined: str, derived: str) -> GraphData:
-    def rows(query: sql.Composable) -> list[tuple[object, ...]]:
+    def rows(query: sql.Composed) -> list[tuple[object, ...]]:
         return [tuple(row) for row in connection.execute(query).fetchall()]
 
     patients = rows(

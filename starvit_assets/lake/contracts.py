@@ -94,7 +94,9 @@ def pandera_schema(contract: TableContract, arrow_schema: pa.Schema) -> pa_schem
         columns[name] = pa_schema.Column(
             _dtype(arrow_field.type),
             checks=checks,
-            nullable=not (name == contract.key or name in contract.required or name in LINEAGE_COLUMNS),
+            nullable=not (
+                name == contract.key or name in contract.required or name in LINEAGE_COLUMNS
+            ),
             unique=name == contract.key,
         )
     return pa_schema.DataFrameSchema(columns, strict=True, coerce=False)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from starvit_assets.deid.engine import content_hash
-from starvit_assets.deid.engine import DeidBackend
+from starvit_assets.deid.engine import DeidBackend, content_hash
 from starvit_assets.views.runner import CompiledView
 
 _BATCH_RESOURCES = 20_000

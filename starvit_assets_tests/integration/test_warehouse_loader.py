@@ -20,10 +20,12 @@ def _parquet(tmp_path: Path, name: str, table: pa.Table) -> Path:
     return path
 
 
-def _partition(export_id: str, ids: list[str], extra: dict[str, pa.Array] | None = None) -> pa.Table:
+def _partition(
+    export_id: str, ids: list[str], extra: dict[str, pa.Array] | None = None
+) -> pa.Table:
     columns: dict[str, pa.Array] = {
         "thing_id": pa.array(ids),
-        "note": pa.array(["", None] + ["x,\"quoted\"\n"] * (len(ids) - 2)),
+        "note": pa.array(["", None] + ['x,"quoted"\n'] * (len(ids) - 2)),
         "amount": pa.array([1.5] * len(ids)),
         "_export_id": pa.array([export_id] * len(ids)),
     }
@@ -56,19 +58,25 @@ def test_load_is_idempotent_per_partition_and_keeps_nulls_apart_from_empty_strin
 
 
 def test_new_nullable_column_is_added(connection: psycopg.Connection, tmp_path: Path) -> None:
-    load_partition(connection, SCHEMA, "things", "e1", _parquet(tmp_path, "e1", _partition("e1", ["a", "b"])))
+    load_partition(
+        connection, SCHEMA, "things", "e1", _parquet(tmp_path, "e1", _partition("e1", ["a", "b"]))
+    )
     wider = _partition("e2", ["c", "d"], {"colour": pa.array(["red", None])})
     result = load_partition(connection, SCHEMA, "things", "e2", _parquet(tmp_path, "e2", wider))
 
     assert result.added_columns == ("colour",)
-    rows = connection.execute(f"select thing_id, colour from {SCHEMA}.things order by thing_id").fetchall()
+    rows = connection.execute(
+        f"select thing_id, colour from {SCHEMA}.things order by thing_id"
+    ).fetchall()
     assert rows == [("a", None), ("b", None), ("c", "red"), ("d", None)]
 
 
 def test_type_change_is_refused_and_leaves_the_table_as_it_was(
     connection: psycopg.Connection, tmp_path: Path
 ) -> None:
-    load_partition(connection, SCHEMA, "things", "e1", _parquet(tmp_path, "e1", _partition("e1", ["a", "b"])))
+    load_partition(
+        connection, SCHEMA, "things", "e1", _parquet(tmp_path, "e1", _partition("e1", ["a", "b"]))
+    )
     changed = _partition("e2", ["c", "d"], {"amount": pa.array(["1", "2"])})
 
     with pytest.raises(LoadError, match=r"amount \(double precision -> text\)"):

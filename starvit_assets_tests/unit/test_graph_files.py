@@ -12,7 +12,10 @@ def test_loading_files_round_trip_counts_and_replace_previous_load(tmp_path: Pat
             "Condition": [("38341003", "Hypertension, with a comma")],
             "Medication": [],
         },
-        edges={"has_condition": [("p1", "38341003", "2020-01-01T00:00:00+00:00")], "prescribed": []},
+        edges={
+            "has_condition": [("p1", "38341003", "2020-01-01T00:00:00+00:00")],
+            "prescribed": [],
+        },
     )
     out = tmp_path / "load"
     (out).mkdir()

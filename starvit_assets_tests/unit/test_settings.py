@@ -26,7 +26,9 @@ def test_non_dev_environment_requires_a_configured_key(tmp_path: Path) -> None:
 def test_key_from_file_and_short_keys_refused(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("ab" * 32 + "\n")
-    assert StarvitSettings(home=tmp_path, pseudonymisation_key_file=key_file).key == bytes([0xAB] * 32)
+    assert StarvitSettings(home=tmp_path, pseudonymisation_key_file=key_file).key == bytes(
+        [0xAB] * 32
+    )
     key_file.write_text("abcd")
     with pytest.raises(SettingsError, match="at least 32 bytes"):
         _ = StarvitSettings(home=tmp_path, pseudonymisation_key_file=key_file).key
@@ -35,5 +37,5 @@ def test_key_from_file_and_short_keys_refused(tmp_path: Path) -> None:
 def test_schemas_follow_the_naming_convention(tmp_path: Path) -> None:
     settings = StarvitSettings(home=tmp_path, env=Environment.STAGE)
     assert settings.raw_schema == "sv_stage_raw"
-    assert settings.schema("derived") == "sv_stage_derived"
+    assert settings.schema_name("derived") == "sv_stage_derived"
     assert settings.phi_staging_dir == tmp_path.resolve() / "phi" / "staging"

@@ -1,0 +1,288 @@
+"""``make bench``: the lineage stage by stage on a larger synthetic set, in its own STARVIT_HOME.
+
+Each stage runs in a child process so that its peak memory (max RSS) is its own. DuckDB reads
+the same staged NDJSON into Parquet with the same columns as the shipped views, as a yardstick
+for the flatten-plus-de-identify stage.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+RESOURCE_TYPES = ("Patient", "Encounter", "Observation", "Condition", "MedicationRequest")
+
+_CODING = '[{"system":"VARCHAR","code":"VARCHAR","display":"VARCHAR"}]'
+
+
+def _coded(path: str, system: str, field: str) -> str:
+    return (
+        f"list_filter(from_json(json->'{path}'->'coding', '{_CODING}'), "
+        f"c -> c.system = '{system}')[1].{field}"
+    )
+
+
+def _ref(path: str, resource_type: str) -> str:
+    return f"regexp_extract(json->>'$.{path}.reference', '^{resource_type}/(.+)$', 1)"
+
+
+_COMMON = "json->>'$.id' as id, json->>'$.meta.versionId' as version_id, json->>'$.meta.lastUpdated' as last_updated"
+_SNOMED = "http://snomed.info/sct"
+_ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
+_RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+DUCKDB_VIEWS: dict[str, tuple[str, str]] = {
+    "patient": (
+        "Patient",
+        f"""{_COMMON}, json->>'$.gender' as gender, json->>'$.birthDate' as birth_date,
+        json->>'$.address[0].postalCode' as postal_code,
+        cast(json->'$.deceasedBoolean' as boolean) as deceased""",
+    ),
+    "encounter": (
+        "Encounter",
+        f"""{_COMMON}, {_ref("subject", "Patient")} as patient_id, json->>'$.status' as status,
+        json->>'$.class.code' as class_code, json->>'$.type[0].coding[0].system' as type_system,
+        json->>'$.type[0].coding[0].code' as type_code, json->>'$.period.start' as period_start,
+        json->>'$.period.end' as period_end""",
+    ),
+    "observation": (
+        "Observation",
+        f"""{_COMMON}, {_ref("subject", "Patient")} as patient_id,
+        {_ref("encounter", "Encounter")} as encounter_id, json->>'$.status' as status,
+        json->>'$.category[0].coding[0].code' as category_code,
+        json->>'$.code.coding[0].system' as code_system, json->>'$.code.coding[0].code' as code,
+        json->>'$.code.coding[0].display' as code_display,
+        cast(json->'$.valueQuantity.value' as double) as value_quantity,
+        json->>'$.valueQuantity.unit' as value_unit, json->>'$.valueQuantity.system' as value_unit_system,
+        json->>'$.valueQuantity.code' as value_unit_code,
+        json->>'$.effectiveDateTime' as effective_datetime""",
+    ),
+    "condition": (
+        "Condition",
+        f"""{_COMMON}, {_ref("subject", "Patient")} as patient_id,
+        {_ref("encounter", "Encounter")} as encounter_id,
+        json->>'$.clinicalStatus.coding[0].code' as clinical_status,
+        json->>'$.verificationStatus.coding[0].code' as verification_status,
+        {_coded("code", _SNOMED, "code")} as snomed_code, {_coded("code", _SNOMED, "display")} as snomed_display,
+        {_coded("code", _ICD10, "code")} as icd10_code, {_coded("code", _ICD10, "display")} as icd10_display,
+        json->>'$.onsetDateTime' as onset_datetime, json->>'$.recordedDate' as recorded_date""",
+    ),
+    "medication_request": (
+        "MedicationRequest",
+        f"""{_COMMON}, {_ref("subject", "Patient")} as patient_id,
+        {_ref("encounter", "Encounter")} as encounter_id, json->>'$.status' as status,
+        json->>'$.intent' as intent,
+        {_coded("medicationCodeableConcept", _RXNORM, "code")} as rxnorm_code,
+        {_coded("medicationCodeableConcept", _RXNORM, "display")} as medication_display,
+        json->>'$.authoredOn' as authored_on""",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    seconds: float
+    items: int
+    items_per_second: float
+    peak_rss_mib: float
+
+
+def _in_child(
+    stage: str, work: Callable[[], int], queue: multiprocessing.Queue
+) -> None:  # pragma: no cover - runs in the child process
+    started = time.perf_counter()
+    items = work()
+    seconds = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put(
+        StageResult(
+            stage=stage,
+            seconds=round(seconds, 3),
+            items=items,
+            items_per_second=round(items / seconds, 1) if seconds else 0.0,
+            peak_rss_mib=round(peak_kib / 1024, 1),
+        )
+    )
+
+
+def run_stage(stage: str, work: Callable[[], int]) -> StageResult:
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue = context.Queue()
+    process = context.Process(target=_in_child, args=(stage, work, queue))
+    process.start()
+    result: StageResult = queue.get()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"bench stage {stage} failed with exit code {process.exitcode}")
+    print(
+        f"  {stage:<22} {result.seconds:>8.2f} s  {result.items_per_second:>12,.0f} items/s  peak {result.peak_rss_mib:>7.1f} MiB",
+        flush=True,
+    )
+    return result
+
+
+def run_bench(*, patients: int, out: Path, seed: int) -> int:
+    from starvit_assets import platform
+    from starvit_assets.settings import REPO_ROOT, load_settings
+
+    home = Path(os.environ.get("STARVIT_BENCH_HOME", REPO_ROOT / ".starvit" / "bench")).resolve()
+    os.environ["STARVIT_HOME"] = str(home)
+    for variable in ("STARVIT_SOURCE_DIR", "STARVIT_FHIR_BASE_URL", "STARVIT_LAKE_DIR"):
+        os.environ.pop(variable, None)
+    settings = load_settings()
+    for folder in (settings.phi_dir, settings.lake_root, settings.graph_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    platform.ensure_dirs(settings)
+    endpoints = platform.activate(settings)
+    source = settings.embedded_source_dir
+    export_dir = settings.phi_staging_dir / "bench"
+    duck_dir = settings.home / "duckdb"
+    print(f"starvit bench: {patients} patients in {home}")
+
+    from starvit_assets.fhir.synth import generate
+
+    counts: dict[str, int] = {}
+
+    def synth() -> int:
+        return sum(generate(source, patients=patients, seed=seed).values())
+
+    def export() -> int:
+        from starvit_assets.fhir.client import BulkDataClient
+        from starvit_assets.fhir.server import BulkDataServer
+
+        with BulkDataServer(source) as server:
+            result = BulkDataClient(server.base_url).export(export_dir)
+        return sum(result.counts.values())
+
+    results = [run_stage("synth", synth), run_stage("export", export)]
+    for resource_type in RESOURCE_TYPES:
+        with (export_dir / f"{resource_type}.ndjson").open("rb") as handle:
+            counts[resource_type] = sum(1 for _ in handle)
+    total = sum(counts.values())
+
+    def flatten_deidentify() -> int:
+        import datetime as dt
+
+        from starvit_assets.deid.engine import LocalDeidEngine
+        from starvit_assets.deid.policy import load_policy
+        from starvit_assets.lake.gate import run_gate
+        from starvit_assets.lake.partitions import RawLake
+        from starvit_assets.views.runner import compile_view, shipped_views
+
+        policy = load_policy()
+        engine = LocalDeidEngine(settings.key, policy, reference_date=dt.date.today())
+        lake = RawLake(settings.lake_root)
+        for name, view in shipped_views().items():
+            resource_type = str(view["resource"])
+            result = run_gate(
+                table_name=name,
+                view=compile_view(view),
+                files=sorted(export_dir.glob(f"{resource_type}*.ndjson")),
+                backend=engine,
+                key=settings.key,
+                export_id="bench",
+                policy_version=policy.version,
+            )
+            lake.stage(name, "bench", result.table)
+            lake.publish(name, "bench")
+        return total
+
+    def duckdb_read() -> int:
+        import duckdb
+
+        duck_dir.mkdir(parents=True, exist_ok=True)
+        connection = duckdb.connect()
+        for name, (resource_type, columns) in DUCKDB_VIEWS.items():
+            source_file = export_dir / f"{resource_type}.ndjson"
+            connection.execute(
+                f"copy (select {columns} from read_ndjson_objects('{source_file}')) "
+                f"to '{duck_dir / name}.parquet' (format parquet, compression zstd)"
+            )
+        return total
+
+    def load() -> int:
+        import psycopg
+
+        from starvit_assets.lake.partitions import RawLake
+        from starvit_assets.views.runner import shipped_views
+        from starvit_assets.warehouse.loader import load_partition
+
+        lake = RawLake(settings.lake_root)
+        rows = 0
+        with psycopg.connect(endpoints.warehouse_dsn) as connection:
+            for name in shipped_views():
+                for export_id, path in lake.partitions(name):
+                    rows += load_partition(
+                        connection, settings.raw_schema, name, export_id, path
+                    ).rows
+        return rows
+
+    def dbt_build() -> int:
+        import subprocess
+
+        environment = {**os.environ, **platform.dbt_environment(settings, endpoints.warehouse_dsn)}
+        subprocess.run(
+            [
+                "dbt",
+                "build",
+                "--quiet",
+                "--full-refresh",
+                "--project-dir",
+                "dbt_project",
+                "--profiles-dir",
+                "dbt_project",
+            ],
+            cwd=REPO_ROOT,
+            env=environment,
+            check=True,
+        )
+        return total
+
+    def graph() -> int:
+        import psycopg
+
+        from starvit_assets.graph.files import write_loading_files
+        from starvit_assets.graph.source import read_graph_data
+
+        with psycopg.connect(endpoints.warehouse_dsn) as connection:
+            data = read_graph_data(
+                connection, settings.schema_name("refined"), settings.schema_name("derived")
+            )
+        return sum(write_loading_files(data, settings.graph_dir / "load").values())
+
+    flatten = run_stage("flatten+deidentify", flatten_deidentify)
+    duck = run_stage("duckdb ndjson->parquet", duckdb_read)
+    results += [
+        flatten,
+        duck,
+        run_stage("load (COPY)", load),
+        run_stage("dbt build", dbt_build),
+        run_stage("graph files", graph),
+    ]
+
+    ratio = round(flatten.seconds / duck.seconds, 2) if duck.seconds else None
+    report: dict[str, Any] = {
+        "patients": patients,
+        "resources": total,
+        "resources_by_type": counts,
+        "stages": [asdict(result) for result in results],
+        "flatten_deidentify_resources_per_second": flatten.items_per_second,
+        "duckdb_resources_per_second": duck.items_per_second,
+        "flatten_deidentify_to_duckdb_time_ratio": ratio,
+        "cpu_count": os.cpu_count(),
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"flatten+de-identify: {flatten.items_per_second:,.0f} resources/s; {ratio}x DuckDB's time"
+    )
+    print(f"wrote {out}")
+    return 0
