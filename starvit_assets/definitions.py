@@ -5,7 +5,6 @@ through ``apply_platform_policies``, which sets owners, freshness, zone tags and
 An asset in a group with no policy fails the load: nothing goes unowned.
 """
 
-from __future__ import annotations
 
 import datetime as dt
 

@@ -1,6 +1,5 @@
 """Automation: the daily full-lineage schedule and the new-FHIR-data sensor."""
 
-from __future__ import annotations
 
 import hashlib
 from pathlib import Path

@@ -4,7 +4,6 @@ The manifest is prepared at install time (``starvit dbt prepare``), never parsed
 load of the definitions.
 """
 
-from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping

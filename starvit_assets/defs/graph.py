@@ -1,6 +1,5 @@
 """Graph zone: TigerGraph loading files written from the refined and derived models."""
 
-from __future__ import annotations
 
 from collections.abc import Iterator
 

@@ -1,6 +1,5 @@
 """Warehouse raw zone: published Parquet partitions COPYed into ``sv_<env>_raw``."""
 
-from __future__ import annotations
 
 from collections.abc import Iterator
 

@@ -1,0 +1,118 @@
+{#-
+    Incremental: a run recomputes only the patients with a body measurement loaded after the
+    newest measurement this table has used (source_loaded_at), and merges their rows on
+    patient_id. A retracted measurement that leaves a patient without a BMI keeps the old row
+    until the next --full-refresh.
+-#}
+{{
+    config(
+        materialized='incremental',
+        unique_key='patient_id',
+        incremental_strategy='merge',
+        on_schema_change='append_new_columns',
+    )
+}}
+
+with
+
+observations as (
+
+    select * from {{ ref('observation') }}
+
+),
+
+body_measures as (
+
+    select * from {{ ref('body_measures') }}
+
+),
+
+{% if is_incremental() %}
+
+watermark as (
+
+    select max(source_loaded_at) as loaded_at from {{ this }}
+
+),
+
+changed_patients as (
+
+    select distinct observations.patient_id
+
+    from observations
+    cross join watermark
+    where observations.body_measure is not null
+        and (watermark.loaded_at is null or observations._loaded_at > watermark.loaded_at)
+
+),
+
+{% endif %}
+
+usable_measurements as (
+
+    select observations.*
+
+    from observations
+    inner join body_measures
+        on observations.body_measure = body_measures.measure
+        and observations.unit_normalised = body_measures.canonical_unit
+    where observations.status in {{ metric_observation_statuses() }}
+        and observations.value_normalised >= body_measures.plausible_min
+        and observations.value_normalised <= body_measures.plausible_max
+        {% if is_incremental() %}
+        and observations.patient_id in (select patient_id from changed_patients)
+        {% endif %}
+
+),
+
+ranked as (
+
+    select
+        usable_measurements.*,
+        row_number() over (
+            partition by patient_id, body_measure
+            order by effective_at desc nulls last, last_updated_at desc nulls last, observation_id desc
+        ) as recency_rank
+
+    from usable_measurements
+
+),
+
+heights as (
+
+    select * from ranked where body_measure = 'body_height' and recency_rank = 1
+
+),
+
+weights as (
+
+    select * from ranked where body_measure = 'body_weight' and recency_rank = 1
+
+),
+
+final as (
+
+    select
+        heights.patient_id,
+        heights.value_normalised as height_cm,
+        weights.value_normalised as weight_kg,
+        {{ round_half_up(
+            'weights.value_normalised / ((heights.value_normalised / 100.0) * (heights.value_normalised / 100.0))',
+            1
+        ) }} as bmi,
+        heights.observation_id as height_observation_id,
+        weights.observation_id as weight_observation_id,
+        heights.effective_at as height_effective_at,
+        weights.effective_at as weight_effective_at,
+        greatest(heights._loaded_at, weights._loaded_at) as source_loaded_at,
+        {{ dbt.current_timestamp() }} as computed_at,
+        true as requires_clinician_review,
+        {{ metric_version('bmi') }} as metric_version
+
+    from heights
+    inner join weights
+        on heights.patient_id = weights.patient_id
+
+)
+
+select * from final

@@ -1,0 +1,33 @@
+with
+
+source as (
+
+    select * from {{ source('fhir_raw', 'patient') }}
+
+),
+
+renamed as (
+
+    select
+
+        ---------- ids
+        patient_id,
+        version_id,
+
+        ---------- attributes
+        gender,
+        birth_year,
+        postal_code_3,
+        deceased as is_deceased,
+
+        ---------- timestamps
+        {{ fhir_datetime_start('last_updated') }} as last_updated_at,
+
+        ---------- lineage
+        {{ lineage_columns() }}
+
+    from source
+
+)
+
+select * from renamed
