@@ -132,7 +132,7 @@ def run_stage(stage: str, work: Callable[[], int]) -> StageResult:
 
 def run_bench(*, patients: int, out: Path, seed: int) -> int:
     from starvit_assets import platform
-    from starvit_assets.settings import REPO_ROOT, load_settings
+    from starvit_assets.settings import REPO_ROOT, dbt_executable, load_settings
 
     home = Path(os.environ.get("STARVIT_BENCH_HOME", REPO_ROOT / ".starvit" / "bench")).resolve()
     os.environ["STARVIT_HOME"] = str(home)
@@ -232,7 +232,7 @@ def run_bench(*, patients: int, out: Path, seed: int) -> int:
         environment = {**os.environ, **platform.dbt_environment(settings, endpoints.warehouse_dsn)}
         subprocess.run(
             [
-                "dbt",
+                dbt_executable(),
                 "build",
                 "--quiet",
                 "--full-refresh",

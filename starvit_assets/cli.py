@@ -19,6 +19,7 @@ from starvit_assets.settings import (
     REPO_ROOT,
     SettingsError,
     StarvitSettings,
+    dbt_executable,
     load_settings,
 )
 
@@ -125,9 +126,33 @@ def prepare_dbt_manifest() -> None:
     from starvit_assets.clinical.seeds import write_seeds
 
     write_seeds(DBT_PROJECT_DIR / "seeds")
-    DbtCliResource(project_dir=str(DBT_PROJECT_DIR), profiles_dir=str(DBT_PROJECT_DIR)).cli(
-        ["parse", "--quiet"], raise_on_error=True
-    ).wait()
+    DbtCliResource(
+        project_dir=str(DBT_PROJECT_DIR),
+        profiles_dir=str(DBT_PROJECT_DIR),
+        dbt_executable=dbt_executable(),
+    ).cli(["parse", "--quiet"], raise_on_error=True).wait()
+
+
+def cmd_dbt_docs(args: argparse.Namespace) -> int:
+    """Generate the dbt docs (the data dictionary) against the warehouse and serve them."""
+    import subprocess
+
+    from starvit_assets import platform
+    from starvit_assets.defs.dbt import DBT_DOCS_PORT
+
+    settings = load_settings()
+    platform.ensure_dirs(settings)
+    platform.activate(settings)
+    common = ["--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    subprocess.run([dbt_executable(), "docs", "generate", *common], check=True)
+    if args.no_serve:
+        return 0
+    print(f"dbt docs on http://127.0.0.1:{DBT_DOCS_PORT} (Ctrl-C to stop)")
+    subprocess.run(
+        [dbt_executable(), "docs", "serve", "--port", str(DBT_DOCS_PORT), "--no-browser", *common],
+        check=True,
+    )
+    return 0
 
 
 # --- demo / dev ---------------------------------------------------------------------------
@@ -223,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--out", default="bench.json")
     bench.set_defaults(handler=cmd_bench)
+    docs = dbt_commands.add_parser("docs", help="generate the dbt docs and serve them locally")
+    docs.add_argument("--no-serve", action="store_true", help="generate only")
+    docs.set_defaults(handler=cmd_dbt_docs)
     return parser
 
 

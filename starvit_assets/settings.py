@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 
 KEY_BYTES = 32
+
+
+def dbt_executable() -> str:
+    """dbt from this interpreter's virtualenv, so that a non-activated venv still finds it."""
+    beside = Path(sys.executable).with_name("dbt")
+    return str(beside) if beside.exists() else "dbt"
 
 
 class Environment(StrEnum):

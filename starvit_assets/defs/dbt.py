@@ -4,7 +4,6 @@ The manifest is prepared at install time (``starvit dbt prepare``), never parsed
 load of the definitions.
 """
 
-
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,7 +18,7 @@ from dagster_dbt import (
 )
 
 from starvit_assets.defs.resources import PlatformResource
-from starvit_assets.settings import DBT_PROJECT_DIR
+from starvit_assets.settings import DBT_PROJECT_DIR, dbt_executable
 
 DBT_DOCS_PORT = 8580
 LAYERS = ("staging", "refined", "derived")
@@ -81,7 +80,12 @@ translator = StarvitDbtTranslator(settings=DagsterDbtTranslatorSettings(enable_a
 
 
 def dbt_resource(target: str) -> DbtCliResource:
-    return DbtCliResource(project_dir=dbt_project, profiles_dir=DBT_PROJECT_DIR, target=target)
+    return DbtCliResource(
+        project_dir=dbt_project,
+        profiles_dir=str(DBT_PROJECT_DIR),
+        target=target,
+        dbt_executable=dbt_executable(),
+    )
 
 
 @dbt_assets(
