@@ -1,0 +1,192 @@
+"""The local de-identification engine: applies the policy to flattened rows on Arrow.
+
+Work is done once per distinct value (identifiers repeat heavily), so each column costs one
+pass over its distinct values plus an Arrow ``take``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+from collections.abc import Callable
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from starvit_assets.deid.policy import ColumnRule, Policy
+
+TOKEN_HEX_CHARS = 32
+
+# HIPAA Safe Harbor: three-digit ZIP prefixes with 20,000 or fewer people (2000 census).
+RESTRICTED_ZIP3 = frozenset(
+    {
+        "036",
+        "059",
+        "063",
+        "102",
+        "203",
+        "556",
+        "692",
+        "790",
+        "821",
+        "823",
+        "830",
+        "831",
+        "878",
+        "879",
+        "884",
+        "890",
+        "893",
+    }
+)
+AGE_CEILING = 90
+
+_FHIR_TEMPORAL = re.compile(
+    r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
+    r"(?P<time>T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+_ZIP = re.compile(r"^(\d{3})\d{2}(?:-\d{4})?$")
+
+
+class DeidError(Exception):
+    """A value could not be de-identified; the message names table and column, never the value."""
+
+
+class DeidBackend(Protocol):
+    """What the gate needs of a backend: the local engine here, Cloud DLP later."""
+
+    def deidentify(self, table_name: str, rows: pa.Table) -> pa.Table: ...
+
+
+def content_hash(key: bytes, line: bytes) -> str:
+    """Keyed hash of a source line: detects change without letting anyone confirm content."""
+    return hmac.new(key, b"content/" + line, hashlib.sha256).hexdigest()
+
+
+def pseudonym(key: bytes, resource_type: str, resource_id: str) -> str:
+    return hmac.new(key, f"{resource_type}/{resource_id}".encode(), hashlib.sha256).hexdigest()[
+        :TOKEN_HEX_CHARS
+    ]
+
+
+def date_shift_days(key: bytes, patient_id: str, max_days: int) -> int:
+    """A per-patient offset in [-max_days, -1] or [1, max_days]; never zero."""
+    digest = hmac.new(key, f"date-shift/Patient/{patient_id}".encode(), hashlib.sha256).digest()
+    bucket = int.from_bytes(digest[:8], "big") % (2 * max_days)
+    return bucket - max_days if bucket < max_days else bucket - max_days + 1
+
+
+def shift_fhir_temporal(value: str, days: int) -> str:
+    """Shift a FHIR date, dateTime or instant by whole days, keeping precision and offset."""
+    match = _FHIR_TEMPORAL.match(value)
+    if match is None:
+        raise ValueError("not a FHIR date, dateTime or instant")
+    year = int(match["year"])
+    month = int(match["month"] or 1)
+    day = int(match["day"] or 1)
+    shifted = dt.date(year, month, day) + dt.timedelta(days=days)
+    if match["month"] is None:
+        return f"{shifted.year:04d}"
+    if match["day"] is None:
+        return f"{shifted.year:04d}-{shifted.month:02d}"
+    return shifted.isoformat() + (match["time"] or "")
+
+
+def birth_year(value: str, reference_date: dt.date) -> int:
+    """Year of birth; everyone aged 90 or over at the reference date gets the same year."""
+    match = _FHIR_TEMPORAL.match(value)
+    if match is None:
+        raise ValueError("not a FHIR date")
+    year = int(match["year"])
+    if match["month"] and match["day"]:
+        born = dt.date(year, int(match["month"]), int(match["day"]))
+        age = (
+            reference_date.year
+            - year
+            - ((reference_date.month, reference_date.day) < (born.month, born.day))
+        )
+    else:
+        age = reference_date.year - year
+    return reference_date.year - AGE_CEILING if age >= AGE_CEILING else year
+
+
+def zip3(value: str) -> str | None:
+    match = _ZIP.match(value.strip())
+    if match is None:
+        return None
+    prefix = match.group(1)
+    return "000" if prefix in RESTRICTED_ZIP3 else prefix
+
+
+class LocalDeidEngine:
+    def __init__(self, key: bytes, policy: Policy, *, reference_date: dt.date) -> None:
+        self._key = key
+        self._policy = policy
+        self._reference_date = reference_date
+        self._offsets: dict[str, int] = {}
+
+    @property
+    def policy_version(self) -> str:
+        return self._policy.version
+
+    def deidentify(self, table_name: str, rows: pa.Table) -> pa.Table:
+        table_policy = self._policy.table(table_name)
+        table_policy.check_covers(rows.column_names, table_name)
+        context = rows.column(table_policy.date_shift_context).to_pylist()
+        fields: list[pa.Field] = []
+        arrays: list[pa.Array] = []
+        for name in rows.column_names:
+            rule = table_policy.columns[name]
+            if rule.method == "drop":
+                continue
+            column = rows.column(name).combine_chunks()
+            try:
+                array = self._apply(rule, column, context)
+            except ValueError as error:
+                raise DeidError(f"{table_name}.{name}: {rule.method} failed: {error}") from None
+            fields.append(pa.field(name, array.type))
+            arrays.append(array)
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    def _apply(self, rule: ColumnRule, column: pa.Array, context: list[str | None]) -> pa.Array:
+        if rule.method == "keep":
+            return column
+        if rule.method == "redact":
+            return pa.nulls(len(column), pa.string())
+        if rule.method == "pseudonymise":
+            resource_type = rule.resource_type or ""
+            return _map_distinct(
+                column, lambda value: pseudonym(self._key, resource_type, value), pa.string()
+            )
+        if rule.method == "generalise" and rule.kind == "birth_year":
+            reference = self._reference_date
+            return _map_distinct(column, lambda value: birth_year(value, reference), pa.int64())
+        if rule.method == "generalise" and rule.kind == "zip3":
+            return _map_distinct(column, zip3, pa.string())
+        if rule.method == "date_shift":
+            return self._shift(column, context)
+        raise ValueError(f"unsupported method {rule.method}")
+
+    def _shift(self, column: pa.Array, context: list[str | None]) -> pa.Array:
+        max_days = self._policy.date_shift_max_days
+        shifted: list[str | None] = []
+        for value, patient in zip(column.to_pylist(), context, strict=True):
+            if value is None or patient is None:
+                shifted.append(None)
+                continue
+            offset = self._offsets.get(patient)
+            if offset is None:
+                offset = self._offsets[patient] = date_shift_days(self._key, patient, max_days)
+            shifted.append(shift_fhir_temporal(value, offset))
+        return pa.array(shifted, pa.string())
+
+
+def _map_distinct(
+    column: pa.Array, function: Callable[[str], object], result_type: pa.DataType
+) -> pa.Array:
+    encoded = pc.dictionary_encode(column.cast(pa.string()))
+    mapped = pa.array([function(value) for value in encoded.dictionary.to_pylist()], result_type)
+    return mapped.take(encoded.indices)
