@@ -7,11 +7,16 @@ afterwards) and prints what was built, row counts, check outcomes and where outp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import psycopg
 from psycopg import sql
@@ -25,6 +30,7 @@ SOURCE_MARKER = ".starvit-synth.json"
 @dataclass
 class RunSummary:
     success: bool
+    run_id: str = ""
     materialized: list[str] = field(default_factory=list)
     checks_passed: list[str] = field(default_factory=list)
     checks_failed: list[str] = field(default_factory=list)
@@ -47,16 +53,30 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
     return folder
 
 
-def materialize_all(settings: StarvitSettings) -> RunSummary:
-    """Run the ``full_lineage`` job in process against the persistent instance."""
+def materialize_all(settings: StarvitSettings, log_path: Path | None = None) -> RunSummary:
+    """Run the ``full_lineage`` job in process against the persistent instance.
+
+    With ``log_path``, the run's console output (Dagster's and dbt's) goes to that file.
+    """
     from dagster import DagsterEventType, DagsterInstance
 
     from starvit_assets.definitions import defs
 
     job = defs.resolve_job_def("full_lineage")
-    with DagsterInstance.get() as instance:
-        result = job.execute_in_process(instance=instance, raise_on_error=False)
-    summary = RunSummary(success=result.success)
+    with ExitStack() as stack:
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = stack.enter_context(log_path.open("w"))
+            stack.enter_context(redirect_stdout(log_file))
+            stack.enter_context(redirect_stderr(log_file))
+            stack.enter_context(_root_logging_to(log_file))
+        instance = stack.enter_context(DagsterInstance.get())
+        result = job.execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )
+    summary = RunSummary(success=result.success, run_id=result.run_id)
     for event in result.all_events:
         if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             materialization = event.step_materialization_data.materialization
@@ -68,6 +88,17 @@ def materialize_all(settings: StarvitSettings) -> RunSummary:
         elif event.event_type == DagsterEventType.STEP_FAILURE and event.step_key:
             summary.failed_steps.append(event.step_key)
     return summary
+
+
+@contextmanager
+def _root_logging_to(stream: IO[str]) -> Iterator[None]:
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [logging.StreamHandler(stream)]
+    try:
+        yield
+    finally:
+        root.handlers = saved
 
 
 def warehouse_row_counts(dsn: str, schemas: list[str]) -> dict[str, int]:
@@ -106,11 +137,13 @@ def run_demo(*, data: Path | None, patients: int, seed: int) -> int:
     with BulkDataServer(source) as server:
         os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
         print(f"  local Bulk Data server at {server.base_url}")
-        print("  materializing the whole asset graph ...")
-        summary = materialize_all(load_settings())
+        log_path = settings.home / "logs" / f"demo-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        print(f"  materializing the whole asset graph (run log: {log_path}) ...")
+        summary = materialize_all(load_settings(), log_path)
 
     counts = warehouse_row_counts(
-        endpoints.warehouse_dsn, [settings.schema_name(layer) for layer in ("raw", "refined", "derived")]
+        endpoints.warehouse_dsn,
+        [settings.schema_name(layer) for layer in ("raw", "refined", "derived")],
     )
     _print_summary(settings, summary, counts, endpoints.warehouse_dsn)
     return 0 if summary.success and not summary.checks_failed else 1
@@ -121,7 +154,7 @@ def _print_summary(
 ) -> None:
     by_zone = Counter(key.split("/")[0] for key in summary.materialized)
     print()
-    print(f"Run {'succeeded' if summary.success else 'FAILED'}")
+    print(f"Run {summary.run_id} {'succeeded' if summary.success else 'FAILED'}")
     print(
         f"Assets materialized: {len(set(summary.materialized))}  ({', '.join(f'{z} {n}' for z, n in sorted(by_zone.items()))})"
     )

@@ -66,7 +66,19 @@ def prepare_dagster_home(settings: StarvitSettings, dagster_dsn: str) -> dict[st
     target = settings.dagster_home / "dagster.yaml"
     if not target.exists() or target.read_bytes() != DAGSTER_YAML.read_bytes():
         shutil.copyfile(DAGSTER_YAML, target)
-    return {"DAGSTER_HOME": str(settings.dagster_home), "STARVIT_DAGSTER_PG_URL": dagster_dsn}
+    return {
+        "DAGSTER_HOME": str(settings.dagster_home),
+        "STARVIT_DAGSTER_PG_URL": sqlalchemy_psycopg2_url(dagster_dsn),
+    }
+
+
+def sqlalchemy_psycopg2_url(dsn: str) -> str:
+    """dagster-postgres issues ``NOTIFY channel, $1``, which only psycopg2's client-side
+    binding accepts; SQLAlchemy 2.1 would pick psycopg 3 for a plain postgresql:// URL."""
+    for prefix in ("postgresql://", "postgres://"):
+        if dsn.startswith(prefix):
+            return "postgresql+psycopg2://" + dsn.removeprefix(prefix)
+    return dsn
 
 
 def activate(settings: StarvitSettings) -> Endpoints:

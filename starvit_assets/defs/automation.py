@@ -1,6 +1,5 @@
 """Automation: the daily full-lineage schedule and the new-FHIR-data sensor."""
 
-
 import hashlib
 from pathlib import Path
 

@@ -76,7 +76,11 @@ class StarvitDbtTranslator(DagsterDbtTranslator):
         return metadata
 
 
-translator = StarvitDbtTranslator(settings=DagsterDbtTranslatorSettings(enable_asset_checks=True))
+translator = StarvitDbtTranslator(
+    settings=DagsterDbtTranslatorSettings(
+        enable_asset_checks=True, enable_source_tests_as_checks=True
+    )
+)
 
 
 def dbt_resource(target: str) -> DbtCliResource:

@@ -5,7 +5,6 @@ reconciliation), and published only when every one passes. Once published, the s
 NDJSON of that resource type is purged from the PHI zone.
 """
 
-
 import datetime as dt
 from collections.abc import Iterator
 

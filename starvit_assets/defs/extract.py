@@ -4,7 +4,6 @@ The staged NDJSON stays under ``$STARVIT_HOME/phi/staging``; only counts, file n
 the transaction time reach Dagster metadata.
 """
 
-
 import json
 import shutil
 import time

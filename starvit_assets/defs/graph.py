@@ -1,6 +1,5 @@
 """Graph zone: TigerGraph loading files written from the refined and derived models."""
 
-
 from collections.abc import Iterator
 
 import dagster as dg
@@ -38,7 +37,9 @@ def tigergraph_load(
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     settings = platform.settings
     with platform.warehouse_connection() as connection:
-        graph = read_graph_data(connection, settings.schema_name("refined"), settings.schema_name("derived"))
+        graph = read_graph_data(
+            connection, settings.schema_name("refined"), settings.schema_name("derived")
+        )
     out_dir = settings.graph_dir / "load"
     write_loading_files(graph, out_dir)
     expected = graph.counts()

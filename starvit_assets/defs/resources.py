@@ -1,6 +1,5 @@
 """Dagster resources: thin wrappers that hand the domain modules their settings and endpoints."""
 
-
 from functools import cached_property
 
 import dagster as dg

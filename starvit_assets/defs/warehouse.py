@@ -1,6 +1,5 @@
 """Warehouse raw zone: published Parquet partitions COPYed into ``sv_<env>_raw``."""
 
-
 from collections.abc import Iterator
 
 import dagster as dg
