@@ -37,10 +37,9 @@ class Lineage:
 def lineage(platform_env: PlatformEnv, warehouse_dsn: str) -> Iterator[Lineage]:
     import os
 
-    from starvit_assets.fhir.server import BulkDataServer
-
     from starvit_assets import platform
     from starvit_assets.demo import ensure_source_data, materialize_all
+    from starvit_assets.fhir.server import BulkDataServer
     from starvit_assets.settings import load_settings
 
     settings = load_settings()
@@ -199,9 +198,8 @@ def test_rerunning_the_lineage_is_idempotent(lineage: Lineage) -> None:
     """A second full run with the same source data leaves the same rows everywhere."""
     import os
 
-    from starvit_assets.fhir.server import BulkDataServer
-
     from starvit_assets.demo import materialize_all, warehouse_row_counts
+    from starvit_assets.fhir.server import BulkDataServer
     from starvit_assets.settings import load_settings
 
     settings = load_settings()

@@ -7,6 +7,12 @@ import pytest
 from starvit_assets.settings import Environment, SettingsError, StarvitSettings
 
 
+@pytest.fixture(autouse=True)
+def _no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("STARVIT_PSEUDONYMISATION_KEY", "STARVIT_PSEUDONYMISATION_KEY_FILE", "STARVIT_ENV"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_dev_key_is_generated_once_private_and_reused(tmp_path: Path) -> None:
     settings = StarvitSettings(home=tmp_path)
     key = settings.key
