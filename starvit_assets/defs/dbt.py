@@ -4,8 +4,8 @@ The manifest is prepared at install time (``starvit dbt prepare``), never parsed
 load of the definitions.
 """
 
-import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -30,7 +30,7 @@ class ManifestMissingError(Exception):
     pass
 
 
-def manifest_path() -> os.PathLike[str]:
+def manifest_path() -> Path:
     path = dbt_project.manifest_path
     if not path.is_file():
         raise ManifestMissingError(

@@ -149,7 +149,7 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
         yield from checks
         if not all(check.passed for check in checks):
             lake.discard_staged(table, export.export_id)
-            failed = ", ".join(check.check_name for check in checks if not check.passed)
+            failed = ", ".join(str(check.check_name) for check in checks if not check.passed)
             raise dg.Failure(
                 description=f"{table}: blocking checks failed ({failed}); partition not published"
             )

@@ -9,7 +9,11 @@ from starvit_assets.settings import Environment, SettingsError, StarvitSettings
 
 @pytest.fixture(autouse=True)
 def _no_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("STARVIT_PSEUDONYMISATION_KEY", "STARVIT_PSEUDONYMISATION_KEY_FILE", "STARVIT_ENV"):
+    for name in (
+        "STARVIT_PSEUDONYMISATION_KEY",
+        "STARVIT_PSEUDONYMISATION_KEY_FILE",
+        "STARVIT_ENV",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
