@@ -130,7 +130,7 @@ def prepare_dbt_manifest() -> None:
         project_dir=str(DBT_PROJECT_DIR),
         profiles_dir=str(DBT_PROJECT_DIR),
         dbt_executable=dbt_executable(),
-    ).cli(["parse", "--quiet"], raise_on_error=True).wait()
+    ).cli(["parse", "--quiet"], raise_on_error=True, target_path=DBT_PROJECT_DIR / "target").wait()
 
 
 def cmd_dbt_docs(args: argparse.Namespace) -> int:
