@@ -38,13 +38,27 @@ def run_test(test: dict[str, Any], resources: list[dict[str, Any]]) -> tuple[boo
         return False, f"runner crashed: {type(error).__name__}: {error}"
     if test.get("expectError"):
         return False, "expected an error, got rows"
-    if "expectColumns" in test:
-        if view.column_names != test["expectColumns"]:
-            return False, f"columns {view.column_names} != {test['expectColumns']}"
+    if "expectCount" in test:
+        if len(rows) != test["expectCount"]:
+            return False, f"got {len(rows)} rows, expected {test['expectCount']}"
         return True, None
     expected = test.get("expect", [])
+    if "expectColumns" in test:
+        # With expectColumns the order of the columns and of the rows is part of the result.
+        if view.column_names != test["expectColumns"]:
+            return False, f"columns {view.column_names} != {test['expectColumns']}"
+        if [list(row.items()) for row in rows] != [
+            [(name, row.get(name)) for name in test["expectColumns"]] for row in expected
+        ]:
+            return False, f"rows differ in value or order: got {rows}, expected {expected}"
+        return True, None
     if Counter(map(_canonical, rows)) != Counter(map(_canonical, expected)):
-        return False, f"rows differ: got {len(rows)}, expected {len(expected)}"
+        missing = Counter(map(_canonical, expected)) - Counter(map(_canonical, rows))
+        extra = Counter(map(_canonical, rows)) - Counter(map(_canonical, expected))
+        return False, (
+            f"rows differ: got {len(rows)}, expected {len(expected)}; "
+            f"missing {sorted(missing.elements())}, unexpected {sorted(extra.elements())}"
+        )
     return True, None
 
 

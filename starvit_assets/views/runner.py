@@ -1,6 +1,6 @@
 """A SQL on FHIR v2 ViewDefinition runner on fhirpathpy (the general evaluator).
 
-Every FHIRPath expression of a view is compiled once; ``CompiledView.rows`` then evaluates the
+Every FHIRPath expression of a view is parsed once; ``CompiledView.rows`` then evaluates the
 view's select tree on one resource. Elements reached by ``forEach``/``forEachOrNull``/``repeat``
 stay fhirpathpy nodes, so that ``ofType()`` on choice elements keeps working below them
 (fhirpathpy needs its R4 model for that).
@@ -8,6 +8,7 @@ stay fhirpathpy nodes, so that ``ofType()`` on choice elements keeps working bel
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import decimal
 import json
@@ -17,9 +18,17 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import fhirpathpy
 import pyarrow as pa
+from antlr4 import CommonTokenStream, InputStream
+from antlr4.error.ErrorListener import ErrorListener
+from fhirpathpy.engine import do_eval
+from fhirpathpy.engine.invocations.constants import constants as fhirpath_constants
+from fhirpathpy.engine.nodes import FP_DateTime, FP_Time, ResourceNode
+from fhirpathpy.engine.util import arraify, get_data
 from fhirpathpy.models import models as fhirpath_models
+from fhirpathpy.parser import parse
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 DEFINITIONS_DIR = Path(__file__).with_name("definitions")
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -32,6 +41,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "decimal": pa.float64(),
 }
 _CONSTANT_VALUE = re.compile(r"^value[A-Z]")
+_MODEL = fhirpath_models["r4"]
 
 Row = dict[str, Any]
 
@@ -41,54 +51,276 @@ class ViewDefinitionError(Exception):
 
 
 # --- FHIRPath functions the specification adds ---------------------------------------------
+# They receive the input collection as fhirpathpy items (ResourceNode, FP_DateTime, ...), not
+# as plain data: lowBoundary() must know whether "2010-10-10" is a date or a dateTime, and
+# only the node's FHIR type says so.
 def _resource_key(inputs: list[Any]) -> list[Any]:
-    return [item["id"] for item in inputs if isinstance(item, dict) and "id" in item]
+    keys = []
+    for item in inputs:
+        data = get_data(item)
+        if isinstance(data, dict) and "id" in data:
+            keys.append(data["id"])
+    return keys
+
+
+# Relative (`Patient/1`), absolute (`https://host/fhir/Patient/1`) and versioned
+# (`Patient/1/_history/2`) literal references all name the same row.
+_REFERENCE = re.compile(
+    r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
 
 
 def _reference_key(inputs: list[Any], type_specifier: Any = None) -> list[Any]:
     wanted = getattr(type_specifier, "name", None)
     keys = []
     for item in inputs:
-        reference = item.get("reference") if isinstance(item, dict) else None
-        if not isinstance(reference, str) or "/" not in reference:
-            continue
-        resource_type, _, key = reference.rstrip("/").rpartition("/")
-        resource_type = resource_type.rpartition("/")[2]
-        if wanted is None or resource_type == wanted:
-            keys.append(key)
+        data = get_data(item)
+        reference = data.get("reference") if isinstance(data, dict) else None
+        match = _REFERENCE.search(reference) if isinstance(reference, str) else None
+        if match and (wanted is None or match["type"] == wanted):
+            keys.append(match["id"])
     return keys
 
 
-_FUNCTIONS = {
-    "getResourceKey": {"fn": _resource_key, "arity": {0: []}},
-    "getReferenceKey": {"fn": _reference_key, "arity": {0: [], 1: ["TypeSpecifier"]}},
+def _join(inputs: list[Any], separator: Any = "") -> list[str]:
+    # fhirpathpy returns empty for an empty input; the SQL on FHIR tests (and the reference
+    # implementation) expect "" so that a joined column is never null just for lack of parts.
+    values = [get_data(item) for item in inputs]
+    if not all(isinstance(value, str) for value in values):
+        raise TypeError("join() needs a collection of strings")
+    return [(separator if isinstance(separator, str) else "").join(values)]
+
+
+# FHIRPath lowBoundary()/highBoundary(): the least/greatest value the input may stand for, given
+# its precision, expressed to the requested precision. Precisions are FHIRPath's digit counts.
+_DECIMAL_DEFAULT_PRECISION = 8
+_DECIMAL_MAX_PRECISION = 28
+_DATE_PRECISIONS = (4, 6, 8)
+_DATETIME_PRECISIONS = (4, 6, 8, 10, 12, 14, 17)
+_TIME_PRECISIONS = (2, 4, 6, 9)
+# Without an offset the instant is uncertain by the whole range of offsets: the earliest
+# reading is at +14:00, the latest at -12:00.
+_LOW_OFFSET, _HIGH_OFFSET = "+14:00", "-12:00"
+_DATETIME_TEXT = re.compile(
+    r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
+    r"(?:T(?P<hour>\d{2})(?::(?P<minute>\d{2})(?::(?P<second>\d{2})(?:\.(?P<fraction>\d+))?)?)?"
+    r"(?P<offset>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+_TIME_TEXT = re.compile(
+    r"^T?(?P<hour>\d{2})(?::(?P<minute>\d{2})(?::(?P<second>\d{2})(?:\.(?P<fraction>\d+))?)?)?$"
+)
+_BOUNDARY_KINDS = {
+    "decimal": "decimal",
+    "integer": "decimal",
+    "positiveInt": "decimal",
+    "unsignedInt": "decimal",
+    "integer64": "decimal",
+    "System.Decimal": "decimal",
+    "System.Integer": "decimal",
+    "date": "date",
+    "System.Date": "date",
+    "dateTime": "dateTime",
+    "instant": "dateTime",
+    "System.DateTime": "dateTime",
+    "time": "time",
+    "System.Time": "time",
 }
 
 
-@cache
-def _compile(expression: str) -> Callable[..., list[Any]]:
-    try:
-        return fhirpathpy.compile(
-            expression, model=fhirpath_models["r4"], options={"userInvocationTable": _FUNCTIONS}
+def _boundary_operand(item: Any) -> tuple[str, Any] | None:
+    if isinstance(item, ResourceNode):
+        kind = _BOUNDARY_KINDS.get(str(item.path))
+        return (kind, get_data(item)) if kind else None
+    if isinstance(item, FP_Time):
+        return "time", item.asStr
+    if isinstance(item, FP_DateTime):
+        # fhirpathpy parses @2010-10-10 and @2010-10-10T alike; a literal without a time part
+        # is read as the Date it usually is.
+        text = item.asStr or ""
+        return ("dateTime" if "T" in text else "date"), text
+    if isinstance(item, decimal.Decimal | int | float) and not isinstance(item, bool):
+        return "decimal", get_data(item)
+    return None
+
+
+def _decimal_boundary(value: Any, precision: int | None, high: bool) -> decimal.Decimal | None:
+    digits = _DECIMAL_DEFAULT_PRECISION if precision is None else precision
+    if not 0 <= digits <= _DECIMAL_MAX_PRECISION:
+        return None
+    number = decimal.Decimal(value) if isinstance(value, int) else value
+    if not isinstance(number, decimal.Decimal) or not number.is_finite():
+        return None
+    exponent = number.as_tuple().exponent
+    scale = max(0, -exponent) if isinstance(exponent, int) else 0
+    half_unit = decimal.Decimal(5).scaleb(-(scale + 1))
+    with decimal.localcontext() as context:
+        context.prec = 2 * _DECIMAL_MAX_PRECISION + 20
+        bound = number + half_unit if high else number - half_unit
+        return bound.quantize(
+            decimal.Decimal(1).scaleb(-digits),
+            rounding=decimal.ROUND_CEILING if high else decimal.ROUND_FLOOR,
         )
-    except Exception as error:
-        raise ViewDefinitionError(
-            f"invalid FHIRPath {expression!r}: {type(error).__name__}"
-        ) from None
+
+
+def _fraction(text: str | None, high: bool) -> str:
+    return ((text or "") + ("999" if high else "000"))[:3]
+
+
+def _datetime_boundary(text: Any, precision: int | None, high: bool, date_only: bool) -> Any:
+    allowed = _DATE_PRECISIONS if date_only else _DATETIME_PRECISIONS
+    digits = allowed[-1] if precision is None else precision
+    match = _DATETIME_TEXT.match(text) if isinstance(text, str) else None
+    if digits not in allowed or match is None:
+        return None
+    year = int(match["year"])
+    month = int(match["month"] or (12 if high else 1))
+    if not 1 <= month <= 12:
+        return None
+    last_day = calendar.monthrange(year, month)[1]
+    day = int(match["day"] or (last_day if high else 1))
+    filled = {
+        4: f"{year:04d}",
+        6: f"-{month:02d}",
+        8: f"-{day:02d}",
+        10: f"T{match['hour'] or ('23' if high else '00')}",
+        12: f":{match['minute'] or ('59' if high else '00')}",
+        14: f":{match['second'] or ('59' if high else '00')}",
+        17: f".{_fraction(match['fraction'], high)}",
+    }
+    result = "".join(part for size, part in filled.items() if size <= digits)
+    if digits >= 10:
+        result += match["offset"] or (_HIGH_OFFSET if high else _LOW_OFFSET)
+    return FP_DateTime(result)
+
+
+def _time_boundary(text: Any, precision: int | None, high: bool) -> Any:
+    digits = _TIME_PRECISIONS[-1] if precision is None else precision
+    match = _TIME_TEXT.match(text) if isinstance(text, str) else None
+    if digits not in _TIME_PRECISIONS or match is None:
+        return None
+    filled = {
+        2: match["hour"],
+        4: f":{match['minute'] or ('59' if high else '00')}",
+        6: f":{match['second'] or ('59' if high else '00')}",
+        9: f".{_fraction(match['fraction'], high)}",
+    }
+    return FP_Time("".join(part for size, part in filled.items() if size <= digits))
+
+
+def _boundary(inputs: list[Any], precision: Any, high: bool) -> list[Any]:
+    # An empty precision argument propagates like any empty operand.
+    if not inputs or isinstance(precision, list):
+        return []
+    if len(inputs) > 1:
+        raise ValueError("lowBoundary()/highBoundary() need a single input item")
+    operand = _boundary_operand(inputs[0])
+    if operand is None:
+        return []
+    kind, value = operand
+    if kind == "decimal":
+        result = _decimal_boundary(value, precision, high)
+    elif kind == "time":
+        result = _time_boundary(value, precision, high)
+    else:
+        result = _datetime_boundary(value, precision, high, date_only=kind == "date")
+    return [] if result is None else [result]
+
+
+def _low_boundary(inputs: list[Any], precision: Any = None) -> list[Any]:
+    return _boundary(inputs, precision, high=False)
+
+
+def _high_boundary(inputs: list[Any], precision: Any = None) -> list[Any]:
+    return _boundary(inputs, precision, high=True)
+
+
+_FUNCTIONS: dict[str, dict[str, Any]] = {
+    "getResourceKey": {"fn": _resource_key, "arity": {0: []}},
+    "getReferenceKey": {"fn": _reference_key, "arity": {0: [], 1: ["TypeSpecifier"]}},
+    "lowBoundary": {"fn": _low_boundary, "arity": {0: [], 1: ["Integer"]}},
+    "highBoundary": {"fn": _high_boundary, "arity": {0: [], 1: ["Integer"]}},
+    "join": {"fn": _join, "arity": {0: [], 1: ["String"]}},
+}
+
+
+def _invocation(function: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
+    def invoke(ctx: dict[str, Any], inputs: list[Any], *params: Any) -> list[Any]:
+        return function(inputs, *params)
+
+    return invoke
+
+
+# fhirpathpy's own userInvocationTable wrapper would strip the nodes down to plain data.
+_INVOCATIONS = {
+    name: {**entry, "fn": _invocation(entry["fn"])} for name, entry in _FUNCTIONS.items()
+}
+
+
+def _is_extension_only(item: Any) -> bool:
+    # fhirpathpy represents a primitive that has only an extension (`_given: [{...}]`) as a
+    # node of its own; it is not a value.
+    return (
+        isinstance(item, ResourceNode)
+        and isinstance(item.data, dict)
+        and list(item.data) == ["extension"]
+    )
+
+
+class _SyntaxErrors(ErrorListener):
+    def syntaxError(
+        self, recognizer: Any, offendingSymbol: Any, line: int, column: int, msg: str, e: Any
+    ) -> None:
+        raise SyntaxError(f"column {column + 1}: {msg}")
+
+
+def _check_syntax(expression: str) -> None:
+    # fhirpathpy's parse() recovers from syntax errors and stops at the first token it cannot
+    # use, so `name.where(` or `id id` would quietly evaluate as something else.
+    listener = _SyntaxErrors()
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(listener)
+    parser = FHIRPathParser(CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(listener)
+    parser.entireExpression()
+
+
+class _Expression:
+    """One parsed FHIRPath expression, evaluated on a resource or on a node below it."""
+
+    def __init__(self, expression: str) -> None:
+        try:
+            _check_syntax(expression)
+            self._ast = parse(expression)
+        except Exception as error:
+            raise ViewDefinitionError(f"invalid FHIRPath {expression!r}: {error}") from None
+        self.expression = expression
+
+    def nodes(self, node: Any, variables: dict[str, Any]) -> list[Any]:
+        """The result as fhirpathpy items, so that a further expression can start from them."""
+        # fhirpath.evaluate() builds the same context, but it leaves `$this` unset outside
+        # function arguments: a column `$this` below a forEach needs it at the top level too.
+        fhirpath_constants.reset()
+        root = arraify(node)
+        ctx: dict[str, Any] = {
+            "dataRoot": root,
+            "$this": root,
+            "vars": {"context": node, "ucum": "http://unitsofmeasure.org", **variables},
+            "model": _MODEL,
+            "userInvocationTable": _INVOCATIONS,
+        }
+        result = do_eval(ctx, root, self._ast["children"][0])
+        return [item for item in arraify(result) if not _is_extension_only(item)]
+
+    def values(self, node: Any, variables: dict[str, Any]) -> list[Any]:
+        """The result as plain JSON-like values."""
+        return [_plain(get_data(item)) for item in self.nodes(node, variables)]
 
 
 @cache
-def _compile_raw(expression: str) -> Callable[..., list[Any]]:
-    try:
-        return fhirpathpy.compile(
-            expression,
-            model=fhirpath_models["r4"],
-            options={"userInvocationTable": _FUNCTIONS, "returnRawData": True},
-        )
-    except Exception as error:
-        raise ViewDefinitionError(
-            f"invalid FHIRPath {expression!r}: {type(error).__name__}"
-        ) from None
+def _expression(expression: str) -> _Expression:
+    return _Expression(expression)
 
 
 def _plain(value: Any) -> Any:
@@ -100,6 +332,11 @@ def _plain(value: Any) -> Any:
         )
     if isinstance(value, bool | int | float | str) or value is None:
         return value
+    # The FHIRPath text keeps the precision; str() would drop zero milliseconds.
+    if isinstance(value, FP_Time):
+        return str(value.asStr).removeprefix("T")
+    if isinstance(value, FP_DateTime):
+        return str(value.asStr)
     if isinstance(value, dt.date | dt.datetime | dt.time):
         return value.isoformat()
     if isinstance(value, dict):
@@ -110,28 +347,40 @@ def _plain(value: Any) -> Any:
 
 
 # --- compiled select tree ------------------------------------------------------------------
+def _path(value: Any, where: str) -> _Expression:
+    if not isinstance(value, str) or not value.strip():
+        raise ViewDefinitionError(f"{where} needs a FHIRPath string, got {value!r}")
+    return _expression(value)
+
+
+def _objects(spec: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    items = spec.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ViewDefinitionError(f"{key} must be a list of objects")
+    return items
+
+
 class _Column:
     def __init__(self, spec: dict[str, Any]) -> None:
         name = spec.get("name")
-        path = spec.get("path")
         if not isinstance(name, str) or not _COLUMN_NAME.match(name):
-            raise ViewDefinitionError(f"invalid column name {name!r}")
-        if not isinstance(path, str):
+            raise ViewDefinitionError(
+                f"invalid column name {name!r}: use a letter, then letters, digits or _"
+            )
+        if "path" not in spec:
             raise ViewDefinitionError(f"column {name} has no path")
         self.name = name
-        self.path = path
+        self.expression = _path(spec["path"], f"column {name}")
         self.type: str | None = spec.get("type")
-        self.collection = bool(spec.get("collection", False))
-        self.function = _compile(path)
+        self.collection = spec.get("collection", False) is True
 
     def value(self, node: Any, variables: dict[str, Any]) -> Any:
         try:
-            result = self.function(node, variables)
+            values = self.expression.values(node, variables)
         except Exception as error:
             raise ViewDefinitionError(
-                f"column {self.name}: evaluation failed ({type(error).__name__})"
+                f"column {self.name}: evaluation failed ({type(error).__name__}: {error})"
             ) from None
-        values = [_plain(item) for item in result]
         if self.collection:
             return values
         if len(values) > 1:
@@ -142,6 +391,9 @@ class _Column:
 
 
 class _Select:
+    """One select: its own columns, nested selects and unionAll, joined as a cartesian product,
+    once per element of its forEach/forEachOrNull/repeat (or once for the parent element)."""
+
     def __init__(self, spec: dict[str, Any]) -> None:
         iteration = [key for key in ("forEach", "forEachOrNull", "repeat") if key in spec]
         if len(iteration) > 1:
@@ -149,25 +401,27 @@ class _Select:
                 "a select may use only one of forEach, forEachOrNull and repeat"
             )
         self.mode = iteration[0] if iteration else None
-        self.iterate: list[Callable[..., list[Any]]] = []
+        self.iterate: list[_Expression] = []
         if self.mode == "repeat":
             paths = spec["repeat"]
             if not isinstance(paths, list) or not paths:
-                raise ViewDefinitionError("repeat needs a list of paths")
-            self.iterate = [_compile_raw(path) for path in paths]
+                raise ViewDefinitionError("repeat needs a non-empty list of FHIRPath strings")
+            self.iterate = [_path(path, "repeat") for path in paths]
         elif self.mode:
-            self.iterate = [_compile_raw(spec[self.mode])]
-        self.columns = [_Column(column) for column in spec.get("column", [])]
-        self.selects = [_Select(select) for select in spec.get("select", [])]
-        self.union = [_Select(branch) for branch in spec.get("unionAll", [])]
+            self.iterate = [_path(spec[self.mode], self.mode)]
+        self.columns = [_Column(column) for column in _objects(spec, "column")]
+        self.selects = [_Select(select) for select in _objects(spec, "select")]
+        self.union = [_Select(branch) for branch in _objects(spec, "unionAll")]
         if self.union:
             names = [branch.column_names() for branch in self.union]
             if any(branch_names != names[0] for branch_names in names):
                 raise ViewDefinitionError(
-                    "unionAll branches must have the same columns in the same order"
+                    "unionAll branches must have the same columns in the same order, got "
+                    + " vs ".join(str(branch_names) for branch_names in names)
                 )
 
     def column_names(self) -> list[str]:
+        # The specification's column order: own columns, then nested selects, then unionAll.
         names = [column.name for column in self.columns]
         for select in self.selects:
             names += select.column_names()
@@ -178,19 +432,26 @@ class _Select:
     def _iteration_nodes(self, node: Any, variables: dict[str, Any]) -> list[Any]:
         if self.mode is None:
             return [node]
-        if self.mode == "repeat":
+        try:
+            if self.mode != "repeat":
+                return self.iterate[0].nodes(node, variables)
+            # repeat: every element reachable by any sequence of the paths, the start excluded.
             found: list[Any] = []
             frontier = [node]
             while frontier:
                 next_frontier = []
                 for current in frontier:
-                    for function in self.iterate:
-                        children = function(current, variables)
+                    for expression in self.iterate:
+                        children = expression.nodes(current, variables)
                         found.extend(children)
                         next_frontier.extend(children)
                 frontier = next_frontier
             return found
-        return list(self.iterate[0](node, variables))
+        except Exception as error:
+            paths = ", ".join(expression.expression for expression in self.iterate)
+            raise ViewDefinitionError(
+                f"{self.mode} {paths}: evaluation failed ({type(error).__name__}: {error})"
+            ) from None
 
     def rows(self, node: Any, variables: dict[str, Any]) -> list[Row]:
         nodes = self._iteration_nodes(node, variables)
@@ -208,6 +469,7 @@ class _Select:
                 parts.append(
                     [row for branch in self.union for row in branch.rows(current, variables)]
                 )
+            # A part with no rows (an empty forEach below) removes the element altogether.
             for part in parts:
                 partial = [{**left, **right} for left in partial for right in part]
             produced.extend(partial)
@@ -224,9 +486,9 @@ class CompiledView:
         self.resource_type = resource_type
         self.name = str(view.get("name", resource_type))
         self._variables = {
-            constant["name"]: _constant_value(constant) for constant in view.get("constant", [])
+            constant["name"]: _constant_value(constant) for constant in _objects(view, "constant")
         }
-        self._where = [_compile(clause["path"]) for clause in view.get("where", [])]
+        self._where = [_path(clause.get("path"), "where") for clause in _objects(view, "where")]
         self._root = _Select({"select": view["select"]})
         self.column_names = self._root.column_names()
         duplicates = {name for name in self.column_names if self.column_names.count(name) > 1}
@@ -241,11 +503,15 @@ class CompiledView:
             return []
         for clause in self._where:
             try:
-                result = clause(resource, self._variables)
+                result = clause.values(resource, self._variables)
             except Exception as error:
-                raise ViewDefinitionError(f"where clause failed ({type(error).__name__})") from None
+                raise ViewDefinitionError(
+                    f"where {clause.expression!r} failed ({type(error).__name__}: {error})"
+                ) from None
             if len(result) > 1 or (result and not isinstance(result[0], bool)):
-                raise ViewDefinitionError("a where clause must return a single boolean")
+                raise ViewDefinitionError(
+                    f"where {clause.expression!r} must return a single boolean, got {result!r}"
+                )
             if result != [True]:
                 return []
         return [
