@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 RESOURCE_TYPES = ("Patient", "Encounter", "Observation", "Condition", "MedicationRequest")
@@ -26,7 +27,7 @@ _CODING = '[{"system":"VARCHAR","code":"VARCHAR","display":"VARCHAR"}]'
 def _coded(path: str, system: str, field: str) -> str:
     return (
         f"list_filter(from_json(json->'{path}'->'coding', '{_CODING}'), "
-        f"c -> c.system = '{system}')[1].{field}"
+        f"lambda c: c.system = '{system}')[1].{field}"
     )
 
 
@@ -100,7 +101,12 @@ def _in_child(
     stage: str, work: Callable[[], int], queue: multiprocessing.Queue
 ) -> None:  # pragma: no cover - runs in the child process
     started = time.perf_counter()
-    items = work()
+    try:
+        items = work()
+    except Exception as error:
+        # The parent waits on the queue: a stage that dies must still answer.
+        queue.put(f"{type(error).__name__}: {error}")
+        raise
     seconds = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put(
@@ -119,10 +125,17 @@ def run_stage(stage: str, work: Callable[[], int]) -> StageResult:
     queue: multiprocessing.Queue = context.Queue()
     process = context.Process(target=_in_child, args=(stage, work, queue))
     process.start()
-    result: StageResult = queue.get()
+    answer: StageResult | str | None = None
+    while answer is None:
+        try:
+            answer = queue.get(timeout=1)
+        except Empty:
+            if not process.is_alive():
+                answer = f"exited with code {process.exitcode} without a result"
     process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"bench stage {stage} failed with exit code {process.exitcode}")
+    if isinstance(answer, str):
+        raise RuntimeError(f"bench stage {stage} failed: {answer}")
+    result = answer
     print(
         f"  {stage:<22} {result.seconds:>8.2f} s  {result.items_per_second:>12,.0f} items/s  peak {result.peak_rss_mib:>7.1f} MiB",
         flush=True,

@@ -238,7 +238,9 @@ def _patient_bundle(rng: random.Random, index: int) -> dict[str, list[dict[str, 
     resources["Patient"].append(patient)
     imperial = rng.random() < 0.35
     height_cm = rng.gauss(170, 9) if age >= 18 else rng.uniform(95, 165)
-    weight_kg = max(15.0, rng.gauss(78, 15) if age >= 18 else rng.uniform(15, 60))
+    # Weight follows from a drawn BMI: height and weight drawn apart gave BMIs no body has.
+    body_mass_index = min(48.0, max(16.5, rng.gauss(26, 4.5))) if age >= 18 else rng.uniform(14, 23)
+    weight_kg = body_mass_index * (height_cm / 100) ** 2
     offset = rng.choice(OFFSETS)
     visit = EXPORT_EPOCH - dt.timedelta(days=rng.randint(400, 1500))
     encounter_ids = []
