@@ -21,6 +21,7 @@ from starvit_assets.settings import (
     StarvitSettings,
     dbt_executable,
     load_settings,
+    venv_executable,
 )
 
 EXIT_USER_ERROR = 2
@@ -173,7 +174,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
     platform.ensure_dirs(settings)
     platform.activate(settings)
     ensure_source_data(settings, patients=DEFAULT_DEMO_PATIENTS, seed=1)
-    command = ["dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-p", str(args.port)]
+    command = [
+        venv_executable("dagster"),
+        "dev",
+        "-w",
+        str(REPO_ROOT / "workspace.yaml"),
+        "-p",
+        str(args.port),
+    ]
     print(f"Dagster UI on http://127.0.0.1:{args.port} (DAGSTER_HOME={settings.dagster_home})")
     os.execvp(command[0], command)
 

@@ -22,10 +22,14 @@ DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 KEY_BYTES = 32
 
 
+def venv_executable(name: str) -> str:
+    """A command from this interpreter's virtualenv, so that a non-activated venv still finds it."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
+
+
 def dbt_executable() -> str:
-    """dbt from this interpreter's virtualenv, so that a non-activated venv still finds it."""
-    beside = Path(sys.executable).with_name("dbt")
-    return str(beside) if beside.exists() else "dbt"
+    return venv_executable("dbt")
 
 
 class Environment(StrEnum):
