@@ -135,7 +135,7 @@ class LocalDeidEngine:
     def deidentify(self, table_name: str, rows: pa.Table) -> pa.Table:
         table_policy = self._policy.table(table_name)
         table_policy.check_covers(rows.column_names, table_name)
-        context = rows.column(table_policy.date_shift_context).to_pylist()
+        context = rows.column(table_policy.date_shift_context).combine_chunks().cast(pa.string())
         fields: list[pa.Field] = []
         arrays: list[pa.Array] = []
         for name in rows.column_names:
@@ -151,7 +151,7 @@ class LocalDeidEngine:
             arrays.append(array)
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
-    def _apply(self, rule: ColumnRule, column: pa.Array, context: list[str | None]) -> pa.Array:
+    def _apply(self, rule: ColumnRule, column: pa.Array, context: pa.Array) -> pa.Array:
         if rule.method == "keep":
             return column
         if rule.method == "redact":
@@ -170,18 +170,45 @@ class LocalDeidEngine:
             return self._shift(column, context)
         raise ValueError(f"unsupported method {rule.method}")
 
-    def _shift(self, column: pa.Array, context: list[str | None]) -> pa.Array:
+    def _shift(self, column: pa.Array, context: pa.Array) -> pa.Array:
         max_days = self._policy.date_shift_max_days
-        shifted: list[str | None] = []
-        for value, patient in zip(column.to_pylist(), context, strict=True):
-            if value is None or patient is None:
-                shifted.append(None)
-                continue
+
+        def offset_of(patient: str) -> int:
             offset = self._offsets.get(patient)
             if offset is None:
                 offset = self._offsets[patient] = date_shift_days(self._key, patient, max_days)
-            shifted.append(shift_fhir_temporal(value, offset))
-        return pa.array(shifted, pa.string())
+            return offset
+
+        offsets = _map_distinct(context, offset_of, pa.int32())
+        return shift_fhir_temporal_array(column.cast(pa.string()), offsets)
+
+
+def shift_fhir_temporal_array(values: pa.Array, offsets: pa.Array) -> pa.Array:
+    """``shift_fhir_temporal`` on whole columns: one offset per row, null where either is null."""
+    valid = pc.match_substring_regex(values, _FHIR_TEMPORAL.pattern)
+    if pc.any(pc.invert(pc.fill_null(valid, True))).as_py():
+        raise ValueError("not a FHIR date, dateTime or instant")
+    lengths = pc.utf8_length(values)
+    # Partial dates shift from their first day and are cut back to their own precision.
+    padded = pc.case_when(
+        pc.make_struct(pc.equal(lengths, 4), pc.equal(lengths, 7)),
+        pc.binary_join_element_wise(values, "-01-01", ""),
+        pc.binary_join_element_wise(values, "-01", ""),
+        pc.utf8_slice_codeunits(values, 0, 10),
+    )
+    try:
+        days = pc.cast(pc.cast(padded, pa.date32()), pa.int32())
+    except pa.ArrowInvalid:
+        raise ValueError("not a calendar date") from None
+    shifted = pc.cast(pc.cast(pc.add(days, offsets), pa.date32()), pa.string())
+    whole = pc.binary_join_element_wise(shifted, pc.utf8_slice_codeunits(values, 10), "")
+    result = pc.case_when(
+        pc.make_struct(pc.equal(lengths, 4), pc.equal(lengths, 7)),
+        pc.utf8_slice_codeunits(shifted, 0, 4),
+        pc.utf8_slice_codeunits(shifted, 0, 7),
+        whole,
+    )
+    return pc.if_else(pc.is_null(offsets), pa.scalar(None, pa.string()), result)
 
 
 def _map_distinct(

@@ -238,3 +238,44 @@ def test_leak_detector_finds_planted_canaries_and_reports_positions_only(tmp_pat
     assert {(hit.column, hit.row) for hit in hits} == {("leaky", 0), ("leaky", 2), ("dates", 0)}
     assert LeakHashSet(OTHER_KEY, set()).find_leaks(staged) == []
     assert set(identifying_values(patient)) >= {"pat-123", "Alonso Quixote", "1947-10-09"}
+
+
+def test_column_date_shift_equals_the_value_by_value_shift() -> None:
+    import random
+
+    from starvit_assets.deid.engine import shift_fhir_temporal, shift_fhir_temporal_array
+
+    draw = random.Random(7)
+    values: list[str | None] = []
+    offsets: list[int | None] = []
+    for _ in range(5_000):
+        year, month, day = draw.randint(1900, 2030), draw.randint(1, 12), draw.randint(1, 28)
+        values.append(
+            draw.choice(
+                [
+                    f"{year}",
+                    f"{year}-{month:02d}",
+                    f"{year}-{month:02d}-{day:02d}",
+                    f"{year}-{month:02d}-{day:02d}T10:11:12+02:00",
+                    f"{year}-{month:02d}-{day:02d}T10:11:12.123Z",
+                    None,
+                ]
+            )
+        )
+        offsets.append(None if draw.random() < 0.05 else draw.randint(-365, 365))
+    shifted = shift_fhir_temporal_array(
+        pa.array(values, pa.string()), pa.array(offsets, pa.int32())
+    )
+    expected = [
+        None if value is None or offset is None else shift_fhir_temporal(value, offset)
+        for value, offset in zip(values, offsets, strict=True)
+    ]
+    assert shifted.to_pylist() == expected
+
+
+@pytest.mark.parametrize("value", ["2023-02-30", "last tuesday", "2023-1-5"])
+def test_column_date_shift_refuses_what_is_not_a_fhir_date(value: str) -> None:
+    from starvit_assets.deid.engine import shift_fhir_temporal_array
+
+    with pytest.raises(ValueError):
+        shift_fhir_temporal_array(pa.array([value]), pa.array([3], pa.int32()))
