@@ -1,32 +1,279 @@
-"""The FHIR Bulk Data client (httpx): kick-off, status polling, streamed atomic downloads.
+"""The FHIR Bulk Data client (httpx): kick-off, status polling, paged manifests, parallel
+verified downloads, resume, incremental `_since` watermarks and boundary de-duplication.
 
-Follows the async request pattern of the Bulk Data Access IG v2.0.0. Every failure raises
+Follows the async request pattern of the Bulk Data Access IG v2.0.0 (plus the STU3
+``allowPartialManifests`` paging, which is harmless to a v2 server). Every failure raises
 ``ExportError`` naming the step and the HTTP status (or the network error class); response
-bodies are never echoed except the issue codes of an OperationOutcome.
+bodies are never echoed except the issue codes of an OperationOutcome, and URLs are logged
+without their query string (signed download URLs carry credentials there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime as dt
 import email.utils
+import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
-from starvit_assets.fhir.errors import ExportError
+from starvit_assets.fhir.errors import (
+    TRANSIENT_ISSUE_CODES,
+    ExportError,
+    describe_codes,
+    outcome_issue_codes,
+)
+from starvit_assets.fhir.export_state import (
+    ALL_TYPES,
+    ExportStateStore,
+    FileRecord,
+    JobState,
+)
 
 logger = logging.getLogger("starvit.fhir.client")
 
 FHIR_JSON = "application/fhir+json"
-_TRANSIENT = {429, 500, 502, 503, 504}
-_MAX_TRANSIENT_FAILURES = 8
+FHIR_NDJSON = "application/fhir+ndjson"
+_CHUNK = 64 * 1024
+_MAX_ERROR_BODY = 64 * 1024
+_MAX_MANIFEST_PAGES = 10_000
+# Without an OperationOutcome these usually come from a proxy or load balancer, not from the
+# export job, so they are worth another try; a FHIR-aware error names its own issue code.
+_RETRY_WITHOUT_OUTCOME = {500, 502, 503, 504}
+_TYPE_FILTER_SPLIT = re.compile(r",(?=[A-Z][A-Za-z]+\?)")
+
+Level = Literal["system", "patient", "group"]
+Method = Literal["GET", "POST"]
+
+
+# --- configuration ------------------------------------------------------------------------
+def _env_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("not a boolean")
+
+
+_ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "state_dir": ("STARVIT_FHIR_STATE_DIR", lambda v: Path(v).expanduser()),
+    "connect_timeout": ("STARVIT_FHIR_CONNECT_TIMEOUT", float),
+    "read_timeout": ("STARVIT_FHIR_READ_TIMEOUT", float),
+    "max_kickoff_seconds": ("STARVIT_FHIR_MAX_KICKOFF_SECONDS", float),
+    "max_poll_seconds": ("STARVIT_FHIR_MAX_POLL_SECONDS", float),
+    "poll_interval": ("STARVIT_FHIR_POLL_INTERVAL", float),
+    "max_poll_interval": ("STARVIT_FHIR_MAX_POLL_INTERVAL", float),
+    "max_retry_after": ("STARVIT_FHIR_MAX_RETRY_AFTER", float),
+    "max_transient_failures": ("STARVIT_FHIR_MAX_TRANSIENT_FAILURES", int),
+    "network_attempts": ("STARVIT_FHIR_NETWORK_ATTEMPTS", int),
+    "download_concurrency": ("STARVIT_FHIR_DOWNLOAD_CONCURRENCY", int),
+    "download_attempts": ("STARVIT_FHIR_DOWNLOAD_ATTEMPTS", int),
+    "max_rekicks": ("STARVIT_FHIR_MAX_REKICKS", int),
+    "fail_on_errors": ("STARVIT_FHIR_FAIL_ON_ERRORS", _env_bool),
+    "delete_after_download": ("STARVIT_FHIR_DELETE_AFTER_DOWNLOAD", _env_bool),
+    "abandon_after_seconds": ("STARVIT_FHIR_ABANDON_AFTER_SECONDS", float),
+}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Client tuning; ``from_env`` reads the ``STARVIT_FHIR_*`` variables listed in _ENV."""
+
+    state_dir: Path | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    max_kickoff_seconds: float = 600.0
+    max_poll_seconds: float = 3600.0
+    poll_interval: float = 1.0
+    max_poll_interval: float = 60.0
+    max_retry_after: float = 120.0
+    max_transient_failures: int = 8
+    network_attempts: int = 3
+    download_concurrency: int = 4
+    download_attempts: int = 4
+    max_rekicks: int = 2
+    fail_on_errors: bool = False
+    delete_after_download: bool = True
+    abandon_after_seconds: float = 86_400.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ExportConfig:
+        source = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, (variable, parse) in _ENV.items():
+            raw = source.get(variable)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = parse(raw)
+            except ValueError:
+                raise ExportError(
+                    f"configuration failed: {variable} has an invalid value", step="configuration"
+                ) from None
+        return cls(**values)
+
+
+# --- request ------------------------------------------------------------------------------
+def _as_tuple(values: Sequence[str] | str | None) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        return (values,)
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One kick-off: level, parameters and transport (GET query or POST Parameters body)."""
+
+    level: Level = "system"
+    group_id: str | None = None
+    types: tuple[str, ...] = ()
+    since: str | None = None
+    type_filters: tuple[str, ...] = ()
+    elements: tuple[str, ...] = ()
+    patients: tuple[str, ...] = ()
+    include_associated_data: tuple[str, ...] = ()
+    output_format: str | None = None
+    method: Method = "GET"
+    lenient: bool = False
+    allow_partial_manifests: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers while keeping the frozen value hashable and comparable.
+        for name in ("types", "type_filters", "elements", "include_associated_data"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        patients = tuple(
+            ref if ref.startswith("Patient/") else f"Patient/{ref}"
+            for ref in _as_tuple(self.patients)
+        )
+        object.__setattr__(self, "patients", patients)
+        if self.level not in ("system", "patient", "group"):
+            raise ValueError(f"unknown export level {self.level!r}")
+        if (self.level == "group") != bool(self.group_id):
+            raise ValueError("a group_id is needed for, and only for, a group-level export")
+        if self.method not in ("GET", "POST"):
+            raise ValueError("method must be GET or POST")
+        if self.patients and self.method != "POST":
+            raise ValueError("the patient parameter is only defined for POST kick-offs")
+        if self.patients and self.level == "system":
+            raise ValueError("the patient parameter does not apply to a system-level export")
+
+    # --- addressing ---
+    def kick_off_path(self) -> str:
+        if self.level == "patient":
+            return "/Patient/$export"
+        if self.level == "group":
+            return f"/Group/{quote(str(self.group_id), safe='')}/$export"
+        return "/$export"
+
+    def source(self, base_url: str) -> str:
+        """The key of watermarks and resumable jobs: base URL plus the level's path."""
+        return base_url.rstrip("/") + self.kick_off_path().removesuffix("/$export")
+
+    @property
+    def narrows_content(self) -> bool:
+        """Filters that return less than every changed resource must not advance watermarks."""
+        return bool(self.type_filters or self.elements or self.patients)
+
+    def with_since(self, since: str | None) -> ExportRequest:
+        return dataclasses.replace(self, since=since)
+
+    # --- encodings ---
+    def query_params(self) -> list[tuple[str, str]]:
+        params: list[tuple[str, str]] = []
+        if self.output_format:
+            params.append(("_outputFormat", self.output_format))
+        if self.since:
+            params.append(("_since", self.since))
+        if self.types:
+            params.append(("_type", ",".join(self.types)))
+        if self.elements:
+            params.append(("_elements", ",".join(self.elements)))
+        if self.include_associated_data:
+            params.append(("includeAssociatedData", ",".join(self.include_associated_data)))
+        # One parameter per filter: a filter may itself hold commas (FHIR "or" values).
+        params.extend(("_typeFilter", value) for value in self.type_filters)
+        if self.allow_partial_manifests:
+            params.append(("allowPartialManifests", "true"))
+        return params
+
+    def parameters_resource(self) -> dict[str, Any]:
+        parameters: list[dict[str, Any]] = []
+        if self.output_format:
+            parameters.append({"name": "_outputFormat", "valueString": self.output_format})
+        if self.since:
+            parameters.append({"name": "_since", "valueInstant": self.since})
+        parameters.extend({"name": "_type", "valueString": name} for name in self.types)
+        parameters.extend({"name": "_elements", "valueString": name} for name in self.elements)
+        parameters.extend(
+            {"name": "patient", "valueReference": {"reference": ref}} for ref in self.patients
+        )
+        parameters.extend(
+            {"name": "includeAssociatedData", "valueCode": code}
+            for code in self.include_associated_data
+        )
+        parameters.extend({"name": "_typeFilter", "valueString": f} for f in self.type_filters)
+        if self.allow_partial_manifests:
+            parameters.append({"name": "allowPartialManifests", "valueBoolean": True})
+        return {"resourceType": "Parameters", "parameter": parameters}
+
+    # --- bookkeeping (no PHI) ---
+    def fingerprint(self) -> str:
+        canonical = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """What the state file keeps: filters and patient references only as counts."""
+        return {
+            "level": self.level,
+            "group_id": self.group_id,
+            "types": list(self.types),
+            "since": self.since,
+            "elements": list(self.elements),
+            "include_associated_data": list(self.include_associated_data),
+            "output_format": self.output_format,
+            "method": self.method,
+            "lenient": self.lenient,
+            "allow_partial_manifests": self.allow_partial_manifests,
+            "type_filter_count": len(self.type_filters),
+            "patient_count": len(self.patients),
+        }
+
+
+# --- progress and results -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportProgress:
+    """A step of an export, for a progress callback. ``detail`` never holds resource content:
+    it is a server's X-Progress text (printable, at most 100 characters), an HTTP status, or a
+    local file name such as ``Observation.2.ndjson``."""
+
+    event: str
+    detail: str = ""
+    files_done: int = 0
+    files_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -37,89 +284,212 @@ class ExportResult:
     counts: dict[str, int]
     manifest: dict[str, Any]
     errors: list[dict[str, Any]]
+    deleted_files: list[Path] = field(default_factory=list)
+    deleted_count: int = 0
+    error_files: list[Path] = field(default_factory=list)
+    error_outcomes: int = 0
+    error_issue_counts: dict[str, int] = field(default_factory=dict)
+    since: str | None = None
+    resumed: bool = False
+    rekicks: int = 0
+    skipped_files: int = 0
 
 
-def _issue_codes(response: httpx.Response) -> str:
+@dataclass(frozen=True)
+class _FileItem:
+    key: str
+    kind: str
+    resource_type: str
+    url: str
+    count: int | None
+    name: str
+
+
+class _ExportGone(Exception):
+    """The export or one of its files no longer exists: only a new kick-off can help."""
+
+    def __init__(self, step: str, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.step = step
+        self.status = status
+
+
+class _RetryableDownload(Exception):
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _Stopped(Exception):
+    """Another download failed or the run was interrupted; this one gives up quietly."""
+
+
+# --- helpers ------------------------------------------------------------------------------
+def _http_date(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
     try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return ""
-    if not isinstance(body, dict) or body.get("resourceType") != "OperationOutcome":
-        return ""
-    codes = sorted(
-        {str(issue.get("code")) for issue in body.get("issue", []) if isinstance(issue, dict)}
-    )
-    return f" (OperationOutcome issue codes: {', '.join(codes)})" if codes else ""
+        parsed = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def retry_after_seconds(
+    value: str | None, server_date: str | None = None, now: dt.datetime | None = None
+) -> float | None:
+    """Seconds to wait for a ``Retry-After`` value (delta-seconds or HTTP-date), uncapped.
+
+    An HTTP-date is measured against the response's own ``Date`` header when there is one, so
+    a skewed local clock cannot turn "in 2 minutes" into "in 3 hours" or "already past".
+    None means the header is absent or unusable and the caller falls back to its backoff.
+    """
+    if not value:
+        return None
+    text = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+        return seconds if math.isfinite(seconds) else math.inf
+    when = _http_date(text)
+    if when is None:
+        return None
+    reference = _http_date(server_date) or now or dt.datetime.now(dt.UTC)
+    return max(0.0, (when - reference).total_seconds())
+
+
+def _printable(text: str, limit: int = 100) -> str:
+    return "".join(ch for ch in text if ch.isprintable())[:limit]
+
+
+def _safe_url(url: str) -> str:
+    """Scheme, host, port and path only: queries of signed URLs are credentials."""
+    parts = httpx.URL(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.host}{port}{parts.path}"
+
+
+def _instant(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 class BulkDataClient:
+    """A Bulk Data export client for one FHIR server.
+
+    ``auth`` (any ``httpx.Auth``, e.g. SMART Backend Services) is used for kick-off, status,
+    manifest pages and DELETE, and for downloads only when the manifest says
+    ``requiresAccessToken: true``; otherwise downloads go through a second client that has
+    never seen the token (files are often on a third-party object store).
+    """
+
     def __init__(
         self,
         base_url: str,
         *,
-        timeout: float = 30.0,
-        max_poll_seconds: float = 3600.0,
-        max_retry_after: float = 120.0,
+        timeout: float | None = None,
+        max_poll_seconds: float | None = None,
+        max_retry_after: float | None = None,
         http_client: httpx.Client | None = None,
+        download_client: httpx.Client | None = None,
+        auth: httpx.Auth | None = None,
+        config: ExportConfig | None = None,
+        state_dir: Path | None = None,
+        progress: Callable[[ExportProgress], None] | None = None,
     ) -> None:
+        config = config or ExportConfig.from_env()
+        overrides: dict[str, Any] = {}
+        if timeout is not None:
+            overrides["read_timeout"] = timeout
+        if max_poll_seconds is not None:
+            overrides["max_poll_seconds"] = max_poll_seconds
+        if max_retry_after is not None:
+            overrides["max_retry_after"] = max_retry_after
+        if state_dir is not None:
+            overrides["state_dir"] = Path(state_dir).expanduser()
+        self.config = dataclasses.replace(config, **overrides) if overrides else config
         self.base_url = base_url.rstrip("/")
-        self._max_poll_seconds = max_poll_seconds
-        self._max_retry_after = max_retry_after
-        self._http = http_client or httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), follow_redirects=True
+        self._auth = auth
+        self._progress = progress
+        timeouts = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
+        concurrency = max(1, self.config.download_concurrency)
+        limits = httpx.Limits(
+            max_connections=concurrency + 4, max_keepalive_connections=concurrency + 2
         )
-
-    # --- public ------------------------------------------------------------------------
-    def export(
-        self, out_dir: Path, *, types: Sequence[str] | None = None, since: str | None = None
-    ) -> ExportResult:
-        params: dict[str, str] = {}
-        if types:
-            params["_type"] = ",".join(types)
-        if since:
-            params["_since"] = since
-        status_url = self._kick_off(params)
-        manifest = self._poll(status_url)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files: dict[str, list[Path]] = {}
-        counts: dict[str, int] = {}
-        outputs = manifest.get("output", [])
-        per_type_total = {
-            o["type"]: sum(1 for x in outputs if x["type"] == o["type"]) for o in outputs
-        }
-        for index, output in enumerate(outputs):
-            resource_type = str(output["type"])
-            sequence = len(files.get(resource_type, []))
-            name = (
-                f"{resource_type}.ndjson"
-                if per_type_total[resource_type] == 1
-                else f"{resource_type}.{sequence + 1}.ndjson"
+        self._owned: list[httpx.Client] = []
+        if http_client is None:
+            http_client = httpx.Client(
+                timeout=timeouts, limits=limits, follow_redirects=True, auth=auth
             )
-            lines = self._download(str(output["url"]), out_dir / name, index)
-            expected = output.get("count")
-            if expected is not None and int(expected) != lines:
-                raise ExportError(
-                    f"download of output {index + 1} ({resource_type}) has {lines} resources, "
-                    f"the manifest says {expected}"
+            self._owned.append(http_client)
+        self._http = http_client
+        if download_client is None:
+            download_client = httpx.Client(timeout=timeouts, limits=limits, follow_redirects=True)
+            self._owned.append(download_client)
+        self._plain = download_client
+
+    def close(self) -> None:
+        for client in self._owned:
+            client.close()
+
+    def __enter__(self) -> BulkDataClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- public ----------------------------------------------------------------------------
+    def export(
+        self,
+        out_dir: Path,
+        *,
+        types: Sequence[str] | None = None,
+        since: str | None = None,
+        request: ExportRequest | None = None,
+        incremental: bool = False,
+        fail_on_errors: bool | None = None,
+    ) -> ExportResult:
+        """Run (or resume) an export into ``out_dir`` and return what was downloaded.
+
+        ``types``/``since`` are the short form of a system-level GET ``request``.
+        ``incremental`` takes `_since` from the stored watermark when none is given.
+        """
+        if request is None:
+            request = ExportRequest(types=tuple(types or ()), since=since)
+        elif types is not None or since is not None:
+            raise ValueError("give types and since inside the ExportRequest")
+        fail = self.config.fail_on_errors if fail_on_errors is None else fail_on_errors
+        source = request.source(self.base_url)
+        store = ExportStateStore(self.config.state_dir) if self.config.state_dir else None
+        if incremental and request.since is None:
+            if store is None:
+                raise ValueError(
+                    "an incremental export needs a state folder "
+                    "(state_dir= or STARVIT_FHIR_STATE_DIR)"
                 )
-            files.setdefault(resource_type, []).append((out_dir / name).resolve())
-            counts[resource_type] = counts.get(resource_type, 0) + lines
-        for resource_type in types or []:
-            counts.setdefault(resource_type, 0)
-        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        return ExportResult(
-            transaction_time=str(manifest["transactionTime"]),
-            request=str(manifest.get("request", "")),
-            files=files,
-            counts=counts,
-            manifest=manifest,
-            errors=list(manifest.get("error", [])),
-        )
+            request = request.with_since(store.watermark(source, request.types or None))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        guard = store.lock(source) if store else contextlib.nullcontext()
+        with guard:
+            return self._run(out_dir, request, source, store, fail)
+
+    def cancel_saved_export(self, request: ExportRequest | None = None) -> bool:
+        """Abandon the saved, unfinished export of this request's source: DELETE and forget it."""
+        if not self.config.state_dir:
+            return False
+        store = ExportStateStore(self.config.state_dir)
+        source = (request or ExportRequest()).source(self.base_url)
+        with store.lock(source):
+            job = store.load_job(source)
+            if job is None:
+                return False
+            self._cancel(job.status_url)
+            store.clear_job(source)
+            return True
 
     def count_changed_since(self, types: Sequence[str], since: str) -> int:
         total = 0
         for resource_type in types:
-            response = self._request(
+            response = self._send(
                 "search",
                 "GET",
                 f"{self.base_url}/{resource_type}",
@@ -128,120 +498,822 @@ class BulkDataClient:
             )
             if response.status_code != 200:
                 raise ExportError(
-                    f"search failed: HTTP {response.status_code}{_issue_codes(response)}"
+                    f"search failed: HTTP {response.status_code}"
+                    f"{describe_codes(outcome_issue_codes(response.content))}",
+                    step="search",
+                    status=response.status_code,
                 )
             total += int(response.json().get("total", 0))
         return total
 
-    # --- steps -------------------------------------------------------------------------
-    def _request(self, step: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    # --- orchestration ---------------------------------------------------------------------
+    def _run(
+        self,
+        out_dir: Path,
+        request: ExportRequest,
+        source: str,
+        store: ExportStateStore | None,
+        fail_on_errors: bool,
+    ) -> ExportResult:
+        job = self._resume_or_abandon(store, source, request)
+        resumed = job is not None
+        rekicks = 0
+        while True:
+            if job is None:
+                job = self._start(request, source)
+                if store:
+                    store.save_job(job)
+            try:
+                manifest, expires_at = self._manifest(job.status_url, restartable=resumed)
+                result = self._fetch(out_dir, request, job, manifest, expires_at, store)
+            except _ExportGone as gone:
+                if rekicks >= self.config.max_rekicks:
+                    raise ExportError(
+                        f"{gone.step} failed: {gone}; gave up after {rekicks} new kick-off(s)",
+                        step=gone.step,
+                        status=gone.status,
+                    ) from None
+                rekicks += 1
+                logger.warning("%s: %s; starting the export again", gone.step, gone)
+                self._emit("re-kick", str(gone))
+                self._cancel(job.status_url)
+                if store:
+                    store.clear_job(source)
+                job, resumed = None, False
+                continue
+            break
+        result = dataclasses.replace(result, resumed=resumed, rekicks=rekicks)
+        self._finish(out_dir, request, source, job, store, result, fail_on_errors)
+        return result
+
+    def _resume_or_abandon(
+        self, store: ExportStateStore | None, source: str, request: ExportRequest
+    ) -> JobState | None:
+        if store is None:
+            return None
+        job = store.load_job(source)
+        if job is None:
+            return None
+        reason = None
+        if job.fingerprint != request.fingerprint():
+            reason = "a different request was made"
+        elif job.age_seconds() > self.config.abandon_after_seconds:
+            reason = f"it is older than {self.config.abandon_after_seconds:.0f} s"
+        if reason:
+            logger.info("abandoning the saved export (%s): cancelling it", reason)
+            self._emit("abandon", reason)
+            self._cancel(job.status_url)
+            store.clear_job(source)
+            return None
+        logger.info(
+            "resuming the export kicked off at %s (%d file(s) already downloaded)",
+            job.kicked_off_at,
+            len(job.files),
+        )
+        self._emit("resume", job.kicked_off_at, len(job.files))
+        return job
+
+    def _finish(
+        self,
+        out_dir: Path,
+        request: ExportRequest,
+        source: str,
+        job: JobState,
+        store: ExportStateStore | None,
+        result: ExportResult,
+        fail_on_errors: bool,
+    ) -> None:
+        for stale in out_dir.glob("*.ndjson.part"):
+            stale.unlink(missing_ok=True)
+        severe = self._severe_outcomes(result.error_files) if fail_on_errors else 0
+        if store and not (fail_on_errors and severe):
+            if request.narrows_content:
+                logger.info("filtered export: the _since watermark is left unchanged")
+            else:
+                types = list(request.types) or [ALL_TYPES, *result.files]
+                store.advance_watermarks(source, types, result.transaction_time)
+        if store:
+            store.clear_job(source)
+        if self.config.delete_after_download:
+            # The IG lets a server read DELETE after completion as "done, free the files".
+            self._cancel(job.status_url)
+        self._emit("complete", result.transaction_time)
+        if fail_on_errors and severe:
+            codes = ", ".join(f"{k}={v}" for k, v in sorted(result.error_issue_counts.items()))
+            raise ExportError(
+                f"export failed: the server reported {severe} OperationOutcome(s) of severity "
+                f"error or fatal (issue codes: {codes})",
+                step="export",
+                issue_codes=result.error_issue_counts,
+            )
+
+    # --- HTTP plumbing ---------------------------------------------------------------------
+    def _send(
+        self,
+        step: str,
+        method: str,
+        url: str,
+        *,
+        client: httpx.Client | None = None,
+        idempotent: bool = True,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """One request, with network errors retried (tenacity).
+
+        A non-idempotent kick-off is retried only when the connection was never made:
+        after a read timeout the server may already have started an export.
+        """
+        client = client or self._http
+        if client is self._http and self._auth is not None:
+            kwargs.setdefault("auth", self._auth)
+        retry_on: tuple[type[BaseException], ...] = (
+            (httpx.TransportError,) if idempotent else (httpx.ConnectError, httpx.ConnectTimeout)
+        )
+        retrying = Retrying(
+            stop=stop_after_attempt(max(1, self.config.network_attempts)),
+            wait=wait_exponential_jitter(initial=0.25, max=10.0, jitter=0.25),
+            retry=retry_if_exception_type(retry_on),
+            reraise=True,
+            before_sleep=lambda state: logger.warning(
+                "%s: %s talking to %s; retrying",
+                step,
+                type(state.outcome.exception()).__name__ if state.outcome else "error",
+                _safe_url(url),
+            ),
+        )
         try:
-            return self._http.request(method, url, **kwargs)
+            response: httpx.Response = retrying(client.request, method, url, **kwargs)
         except httpx.TimeoutException as error:
             raise ExportError(
-                f"{step} failed: timed out talking to {self._origin(url)} ({type(error).__name__})"
+                f"{step} failed: timed out talking to {_safe_url(url)} ({type(error).__name__})",
+                step=step,
             ) from None
         except httpx.HTTPError as error:
             raise ExportError(
-                f"{step} failed: cannot reach {self._origin(url)} ({type(error).__name__})"
+                f"{step} failed: cannot reach {_safe_url(url)} ({type(error).__name__})",
+                step=step,
             ) from None
+        return response
 
-    def _origin(self, url: str) -> str:
-        parts = httpx.URL(url)
-        return f"{parts.scheme}://{parts.host}:{parts.port or ''}{parts.path}"
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.config.max_poll_interval, self.config.poll_interval * (2**attempt))
+        return ceiling * random.uniform(0.5, 1.0)
 
-    def _kick_off(self, params: dict[str, str]) -> str:
-        response = self._request(
-            "kick-off",
-            "GET",
-            f"{self.base_url}/$export",
-            params=params,
-            headers={"Accept": FHIR_JSON, "Prefer": "respond-async"},
+    def _wait_for(self, response: httpx.Response, attempt: int) -> float:
+        hint = retry_after_seconds(
+            response.headers.get("Retry-After"), response.headers.get("Date")
         )
-        if response.status_code != 202:
-            raise ExportError(
-                f"kick-off failed: HTTP {response.status_code}{_issue_codes(response)}"
-            )
-        location = response.headers.get("Content-Location")
-        if not location:
-            raise ExportError("kick-off failed: HTTP 202 without a Content-Location status URL")
-        return location
+        if hint is None:
+            return self._backoff(attempt)
+        if hint > self.config.max_retry_after:
+            logger.info("Retry-After of %s s capped at %s s", hint, self.config.max_retry_after)
+        return min(hint, self.config.max_retry_after)
 
-    def _poll(self, status_url: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self._max_poll_seconds
-        delay = 1.0
-        transient_failures = 0
+    @staticmethod
+    def _retryable(response: httpx.Response) -> bool:
+        if response.status_code == 429:
+            return True
+        if response.status_code < 400:
+            return False
+        codes = outcome_issue_codes(response.content)
+        if codes:
+            return any(code in TRANSIENT_ISSUE_CODES for code in codes)
+        return response.status_code in _RETRY_WITHOUT_OUTCOME
+
+    def _emit(self, event: str, detail: str = "", done: int = 0, total: int = 0) -> None:
+        if self._progress:
+            self._progress(ExportProgress(event, detail, done, total))
+
+    def _cancel(self, status_url: str) -> bool:
+        """Best-effort DELETE of an export; failure only logs (the server will expire it)."""
+        try:
+            response = self._send("cancel", "DELETE", status_url, headers={"Accept": FHIR_JSON})
+        except ExportError as error:
+            logger.warning("%s", error)
+            return False
+        if response.status_code in (200, 202, 204, 404, 410):
+            return True
+        logger.warning("cancel of the export answered HTTP %s", response.status_code)
+        return False
+
+    # --- kick-off and status ---------------------------------------------------------------
+    def _start(self, request: ExportRequest, source: str) -> JobState:
+        kicked_off_at = dt.datetime.now(dt.UTC).isoformat()
+        status_url = self._kick_off(request)
+        self._emit("accepted", _safe_url(status_url))
+        return JobState(
+            source=source,
+            status_url=status_url,
+            kicked_off_at=kicked_off_at,
+            fingerprint=request.fingerprint(),
+            request=request.describe(),
+        )
+
+    def _kick_off(self, request: ExportRequest) -> str:
+        url = self.base_url + request.kick_off_path()
+        prefer = "respond-async" + (", handling=lenient" if request.lenient else "")
+        headers = {"Accept": FHIR_JSON, "Prefer": prefer}
+        kwargs: dict[str, Any] = {"headers": headers}
+        if request.method == "POST":
+            headers["Content-Type"] = FHIR_JSON
+            kwargs["content"] = json.dumps(request.parameters_resource()).encode()
+        else:
+            kwargs["params"] = request.query_params()
+        deadline = time.monotonic() + self.config.max_kickoff_seconds
+        attempt = transient = 0
+        self._emit("kick-off", request.method)
         while True:
-            response = self._request(
-                "status", "GET", status_url, headers={"Accept": "application/json"}
-            )
-            if response.status_code == 200:
-                try:
-                    manifest: dict[str, Any] = response.json()
-                except json.JSONDecodeError:
-                    raise ExportError(
-                        "status failed: HTTP 200 with a manifest that is not JSON"
-                    ) from None
-                if "transactionTime" not in manifest or "output" not in manifest:
-                    raise ExportError("status failed: the manifest lacks transactionTime or output")
-                return manifest
+            response = self._send("kick-off", request.method, url, idempotent=False, **kwargs)
             if response.status_code == 202:
-                progress = response.headers.get("X-Progress")
-                if progress:
-                    logger.info("export in progress: %s", progress[:100])
-            elif (
-                response.status_code in _TRANSIENT and transient_failures < _MAX_TRANSIENT_FAILURES
-            ):
-                transient_failures += 1
-                logger.warning("status poll got HTTP %s; retrying", response.status_code)
-            else:
+                location = response.headers.get("Content-Location")
+                if not location:
+                    raise ExportError(
+                        "kick-off failed: HTTP 202 without a Content-Location status URL",
+                        step="kick-off",
+                        status=202,
+                    )
+                return str(response.url.join(location))
+            if not self._retryable(response):
                 raise ExportError(
-                    f"status failed: HTTP {response.status_code}{_issue_codes(response)}"
+                    f"kick-off failed: HTTP {response.status_code}"
+                    f"{describe_codes(outcome_issue_codes(response.content))}",
+                    step="kick-off",
+                    status=response.status_code,
+                    issue_codes=outcome_issue_codes(response.content),
                 )
-            wait = self._retry_after(response.headers.get("Retry-After"), delay)
-            delay = min(delay * 1.5, 10.0)
+            if response.status_code != 429:
+                transient += 1
+                self._check_transient_budget("kick-off", response, transient)
+            wait = self._wait_for(response, attempt)
+            attempt += 1
+            logger.info("kick-off answered HTTP %s; retrying in %.1f s", response.status_code, wait)
+            self._emit("waiting", f"kick-off HTTP {response.status_code}")
             if time.monotonic() + wait > deadline:
                 raise ExportError(
-                    f"status failed: export not complete after {self._max_poll_seconds:.0f} s"
+                    f"kick-off failed: HTTP {response.status_code} still after "
+                    f"{self.config.max_kickoff_seconds:.0f} s",
+                    step="kick-off",
+                    status=response.status_code,
                 )
             time.sleep(wait)
 
-    def _retry_after(self, header: str | None, default: float) -> float:
-        wait = default * random.uniform(0.8, 1.2)
-        if header:
-            header = header.strip()
-            if header.isdigit():
-                wait = float(header)
-            else:
-                parsed = email.utils.parsedate_to_datetime(header) if "," in header else None
-                if parsed is not None:
-                    wait = parsed.timestamp() - time.time()
-        return max(0.0, min(wait, self._max_retry_after))
+    def _check_transient_budget(self, step: str, response: httpx.Response, failures: int) -> None:
+        if failures > self.config.max_transient_failures:
+            raise ExportError(
+                f"{step} failed: HTTP {response.status_code}"
+                f"{describe_codes(outcome_issue_codes(response.content))} "
+                f"{failures} times in a row",
+                step=step,
+                status=response.status_code,
+                issue_codes=outcome_issue_codes(response.content),
+            )
 
-    def _download(self, url: str, target: Path, index: int) -> int:
-        partial = target.with_name(target.name + ".part")
-        lines = 0
+    def _poll(self, url: str, step: str, *, restartable: bool) -> httpx.Response:
+        """GET ``url`` until it answers 200; 202, 429 and transient errors wait and retry."""
+        deadline = time.monotonic() + self.config.max_poll_seconds
+        attempt = transient = 0
+        while True:
+            response = self._send(step, "GET", url, headers={"Accept": "application/json"})
+            status = response.status_code
+            if status == 200:
+                return response
+            if status == 202:
+                transient = 0
+                progress = _printable(response.headers.get("X-Progress", ""))
+                if progress:
+                    logger.info("export in progress: %s", progress)
+                self._emit("waiting", progress or "in progress")
+            elif status in (404, 410) and restartable:
+                raise _ExportGone(step, f"the saved export is gone (HTTP {status})", status)
+            elif self._retryable(response):
+                if status != 429:
+                    transient += 1
+                    self._check_transient_budget(step, response, transient)
+                logger.warning("%s answered HTTP %s; retrying", step, status)
+                self._emit("waiting", f"HTTP {status}")
+            else:
+                codes = outcome_issue_codes(response.content)
+                raise ExportError(
+                    f"{step} failed: HTTP {status}{describe_codes(codes)}",
+                    step=step,
+                    status=status,
+                    issue_codes=codes,
+                )
+            wait = self._wait_for(response, attempt)
+            attempt += 1
+            if time.monotonic() + wait > deadline:
+                raise ExportError(
+                    f"{step} failed: export not complete after "
+                    f"{self.config.max_poll_seconds:.0f} s (it stays resumable)",
+                    step=step,
+                    status=status,
+                )
+            time.sleep(wait)
+
+    def _manifest(
+        self, status_url: str, *, restartable: bool
+    ) -> tuple[dict[str, Any], float | None]:
+        """The complete manifest (every ``next`` page merged) and its expiry (monotonic)."""
+        response = self._poll(status_url, "status", restartable=restartable)
+        manifest = self._parse_manifest(response, "status")
+        expires_at = self._expiry(response)
+        seen = {status_url}
+        page = manifest
+        pages = 1
+        while next_url := self._next_link(page):
+            next_url = str(response.url.join(next_url))
+            if next_url in seen or pages >= _MAX_MANIFEST_PAGES:
+                raise ExportError("manifest page failed: the next links loop", step="manifest page")
+            seen.add(next_url)
+            response = self._poll(next_url, "manifest page", restartable=True)
+            page = self._parse_manifest(response, "manifest page")
+            pages += 1
+            if page["transactionTime"] != manifest["transactionTime"]:
+                raise ExportError(
+                    "manifest page failed: a page has another transactionTime",
+                    step="manifest page",
+                )
+            manifest["output"].extend(page["output"])
+            manifest.setdefault("deleted", []).extend(page.get("deleted", []))
+            # error[] is repeated on every page (all fields but output/deleted/link are).
+            known = {item.get("url") for item in manifest["error"]}
+            manifest["error"].extend(i for i in page["error"] if i.get("url") not in known)
+            page_expiry = self._expiry(response)
+            if page_expiry is not None:
+                expires_at = page_expiry if expires_at is None else min(expires_at, page_expiry)
+        manifest.pop("link", None)
+        if pages > 1:
+            logger.info("manifest spread over %d pages", pages)
+        self._emit("manifest", f"{len(manifest['output'])} output file(s), {pages} page(s)")
+        return manifest, expires_at
+
+    @staticmethod
+    def _next_link(page: Mapping[str, Any]) -> str | None:
+        for link in page.get("link") or []:
+            if isinstance(link, dict) and link.get("relation") == "next" and link.get("url"):
+                return str(link["url"])
+        return None
+
+    @staticmethod
+    def _expiry(response: httpx.Response) -> float | None:
+        expires = _http_date(response.headers.get("Expires"))
+        if expires is None:
+            return None
+        reference = _http_date(response.headers.get("Date")) or dt.datetime.now(dt.UTC)
+        return time.monotonic() + (expires - reference).total_seconds()
+
+    @staticmethod
+    def _parse_manifest(response: httpx.Response, step: str) -> dict[str, Any]:
         try:
-            with self._http.stream(
-                "GET", url, headers={"Accept": "application/fhir+ndjson"}
+            manifest = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ExportError(
+                f"{step} failed: HTTP 200 with a manifest that is not JSON", step=step, status=200
+            ) from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("transactionTime"), str):
+            raise ExportError(f"{step} failed: the manifest lacks transactionTime", step=step)
+        for key in ("output", "error", "deleted"):
+            items = manifest.setdefault(key, [])
+            if not isinstance(items, list) or not all(
+                isinstance(i, dict)
+                and isinstance(i.get("url"), str)
+                and isinstance(i.get("type"), str)
+                for i in items
+            ):
+                raise ExportError(
+                    f"{step} failed: the manifest's {key} is not a list of files with type and url",
+                    step=step,
+                )
+        return manifest
+
+    # --- downloads -------------------------------------------------------------------------
+    @staticmethod
+    def _plan(manifest: Mapping[str, Any]) -> list[_FileItem]:
+        items: list[_FileItem] = []
+        outputs = manifest["output"]
+        per_type: dict[str, int] = {}
+        for output in outputs:
+            per_type[output["type"]] = per_type.get(output["type"], 0) + 1
+        seen: dict[str, int] = {}
+        for index, output in enumerate(outputs):
+            resource_type = str(output["type"])
+            seen[resource_type] = seen.get(resource_type, 0) + 1
+            name = (
+                f"{resource_type}.ndjson"
+                if per_type[resource_type] == 1
+                else f"{resource_type}.{seen[resource_type]}.ndjson"
+            )
+            items.append(_file_item("output", index, output, name))
+        for kind in ("deleted", "error"):
+            for index, entry in enumerate(manifest.get(kind, [])):
+                items.append(_file_item(kind, index, entry, f"_{kind}.{index + 1}.ndjson"))
+        return items
+
+    def _fetch(
+        self,
+        out_dir: Path,
+        request: ExportRequest,
+        job: JobState,
+        manifest: dict[str, Any],
+        expires_at: float | None,
+        store: ExportStateStore | None,
+    ) -> ExportResult:
+        if job.transaction_time != manifest["transactionTime"]:
+            job.transaction_time = manifest["transactionTime"]
+            if store:
+                store.save_job(job)
+        items = self._plan(manifest)
+        # The IG: send the token to file URLs only when the manifest asks for it.
+        needs_token = manifest.get("requiresAccessToken", True) is not False
+        client = self._http if needs_token else self._plain
+        todo: list[_FileItem] = []
+        skipped = 0
+        for item in items:
+            record = job.files.get(item.key)
+            target = out_dir / item.name
+            if (
+                record is not None
+                and record.name == item.name
+                and target.is_file()
+                and target.stat().st_size == record.bytes
+                and (item.count is None or item.count == record.count)
+            ):
+                skipped += 1
+                self._emit("file-skipped", item.name, skipped, len(items))
+            else:
+                todo.append(item)
+        if skipped:
+            logger.info("resume: %d file(s) already downloaded, %d to go", skipped, len(todo))
+        self._download_all(todo, out_dir, client, expires_at, job, store, len(items) - len(todo))
+        return self._summarise(out_dir, request, manifest, items, job, skipped)
+
+    def _download_all(
+        self,
+        todo: list[_FileItem],
+        out_dir: Path,
+        client: httpx.Client,
+        expires_at: float | None,
+        job: JobState,
+        store: ExportStateStore | None,
+        already: int,
+    ) -> None:
+        if not todo:
+            return
+        total = already + len(todo)
+        done = already
+        stop = threading.Event()
+        workers = max(1, min(self.config.download_concurrency, len(todo)))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fhir-download")
+        try:
+            futures = {
+                pool.submit(self._download, item, out_dir, client, expires_at, stop): item
+                for item in todo
+            }
+            for future in as_completed(futures):
+                item = futures[future]
+                job.files[item.key] = future.result()
+                # State is written by this thread only, so workers need no lock.
+                if store:
+                    store.save_job(job)
+                done += 1
+                self._emit("file-done", item.name, done, total)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _download(
+        self,
+        item: _FileItem,
+        out_dir: Path,
+        client: httpx.Client,
+        expires_at: float | None,
+        stop: threading.Event,
+    ) -> FileRecord:
+        target = out_dir / item.name
+        partial = target.with_name(target.name + ".part")
+        attempts = max(1, self.config.download_attempts)
+        problem = ""
+        for attempt in range(attempts):
+            if stop.is_set():
+                raise _Stopped
+            if expires_at is not None and time.monotonic() >= expires_at:
+                raise _ExportGone("download", "the manifest's Expires time has passed")
+            wait: float | None = None
+            try:
+                lines, size = self._stream(item, partial, client, stop)
+            except _RetryableDownload as retryable:
+                problem, wait = str(retryable), retryable.retry_after
+            else:
+                if item.count is None or item.count == lines:
+                    os.replace(partial, target)
+                    return FileRecord(item.name, item.kind, item.resource_type, lines, size)
+                partial.unlink(missing_ok=True)
+                problem = f"{lines} resources, the manifest says {item.count}"
+            logger.warning(
+                "download of %s (attempt %d/%d): %s", item.name, attempt + 1, attempts, problem
+            )
+            if attempt + 1 < attempts:
+                delay = self._backoff(attempt) if wait is None else wait
+                stop.wait(min(delay, self.config.max_retry_after))
+        raise ExportError(
+            f"download of {item.name} ({item.resource_type}) failed after {attempts} "
+            f"attempt(s): {problem}",
+            step="download",
+        )
+
+    def _stream(
+        self, item: _FileItem, partial: Path, client: httpx.Client, stop: threading.Event
+    ) -> tuple[int, int]:
+        """Stream one file to ``partial``; returns (non-blank lines, bytes). Memory: one chunk."""
+        lines = size = 0
+        open_line = False  # the current, not yet terminated line has content
+        try:
+            with client.stream(
+                "GET", item.url, headers={"Accept": FHIR_NDJSON}, **self._auth_for(client)
             ) as response:
-                if response.status_code != 200:
+                status = response.status_code
+                if status != 200:
+                    codes = describe_codes(outcome_issue_codes(_bounded_body(response)))
+                    if status in (404, 410):
+                        raise _ExportGone(
+                            "download", f"{item.name} is gone (HTTP {status})", status
+                        )
+                    if status == 429 or status >= 500:
+                        raise _RetryableDownload(
+                            f"HTTP {status}{codes}",
+                            retry_after=retry_after_seconds(
+                                response.headers.get("Retry-After"), response.headers.get("Date")
+                            ),
+                        )
                     raise ExportError(
-                        f"download of output {index + 1} failed: HTTP {response.status_code}"
+                        f"download of {item.name} failed: HTTP {status}{codes}",
+                        step="download",
+                        status=status,
                     )
                 with partial.open("wb") as handle:
-                    pending = b""
-                    for chunk in response.iter_bytes():
+                    for chunk in response.iter_bytes(_CHUNK):
+                        if stop.is_set():
+                            raise _Stopped
                         handle.write(chunk)
-                        pending += chunk
-                        *complete, pending = pending.split(b"\n")
-                        lines += sum(1 for line in complete if line.strip())
-                    if pending.strip():
-                        lines += 1
-        except httpx.HTTPError as error:
+                        size += len(chunk)
+                        *complete, tail = chunk.split(b"\n")
+                        for segment in complete:
+                            if open_line or segment.strip():
+                                lines += 1
+                            open_line = False
+                        open_line = open_line or bool(tail.strip())
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        except httpx.TransportError as error:
             partial.unlink(missing_ok=True)
-            raise ExportError(
-                f"download of output {index + 1} failed: {type(error).__name__}"
-            ) from None
-        os.replace(partial, target)
-        return lines
+            raise _RetryableDownload(type(error).__name__) from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return lines + (1 if open_line else 0), size
+
+    def _auth_for(self, client: httpx.Client) -> dict[str, Any]:
+        return {"auth": self._auth} if client is self._http and self._auth is not None else {}
+
+    # --- results ---------------------------------------------------------------------------
+    def _summarise(
+        self,
+        out_dir: Path,
+        request: ExportRequest,
+        manifest: dict[str, Any],
+        items: list[_FileItem],
+        job: JobState,
+        skipped: int,
+    ) -> ExportResult:
+        files: dict[str, list[Path]] = {}
+        counts: dict[str, int] = {}
+        deleted_files: list[Path] = []
+        error_files: list[Path] = []
+        for item in items:
+            path = (out_dir / item.name).resolve()
+            if item.kind == "output":
+                files.setdefault(item.resource_type, []).append(path)
+                lines = job.files[item.key].count
+                counts[item.resource_type] = counts.get(item.resource_type, 0) + lines
+            elif item.kind == "deleted":
+                deleted_files.append(path)
+            else:
+                error_files.append(path)
+        for resource_type in request.types:
+            counts.setdefault(resource_type, 0)
+        outcomes, issue_counts = _outcome_summary(error_files)
+        if outcomes:
+            logger.warning(
+                "the export reported %d OperationOutcome(s); issue codes: %s",
+                outcomes,
+                ", ".join(f"{k}={v}" for k, v in sorted(issue_counts.items())),
+            )
+        _write_json(out_dir / "manifest.json", manifest)
+        return ExportResult(
+            transaction_time=str(manifest["transactionTime"]),
+            request=str(manifest.get("request", "")),
+            files=files,
+            counts=counts,
+            manifest=manifest,
+            errors=list(manifest.get("error", [])),
+            deleted_files=deleted_files,
+            deleted_count=sum(1 for _ in iter_deleted_references(deleted_files)),
+            error_files=error_files,
+            error_outcomes=outcomes,
+            error_issue_counts=issue_counts,
+            since=request.since,
+            skipped_files=skipped,
+        )
+
+    @staticmethod
+    def _severe_outcomes(error_files: Sequence[Path]) -> int:
+        severe = 0
+        for line in _iter_lines(error_files):
+            try:
+                outcome = json.loads(line)
+            except json.JSONDecodeError:
+                severe += 1
+                continue
+            issues = outcome.get("issue", []) if isinstance(outcome, dict) else []
+            if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in issues):
+                severe += 1
+        return severe
+
+
+def _file_item(kind: str, index: int, entry: Mapping[str, Any], name: str) -> _FileItem:
+    count = entry.get("count")
+    return _FileItem(
+        key=f"{kind}:{index}:{entry['type']}",
+        kind=kind,
+        resource_type=str(entry["type"]),
+        url=str(entry["url"]),
+        count=int(count)
+        if isinstance(count, int | float) and not isinstance(count, bool)
+        else None,
+        name=name,
+    )
+
+
+def _bounded_body(response: httpx.Response) -> bytes:
+    body = b""
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= _MAX_ERROR_BODY:
+            break
+    return body
+
+
+def _write_json(path: Path, body: Any) -> None:
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(json.dumps(body, indent=2))
+    os.replace(partial, path)
+
+
+def _iter_lines(paths: Sequence[Path]) -> Iterator[bytes]:
+    for path in paths:
+        with path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    yield line
+
+
+def _outcome_summary(error_files: Sequence[Path]) -> tuple[int, dict[str, int]]:
+    """(OperationOutcomes, issues per code). Diagnostics are never read out: they may hold PHI."""
+    outcomes = 0
+    counts: dict[str, int] = {}
+    for line in _iter_lines(error_files):
+        outcomes += 1
+        try:
+            outcome = json.loads(line)
+        except json.JSONDecodeError:
+            counts["unparseable"] = counts.get("unparseable", 0) + 1
+            continue
+        issues = outcome.get("issue", []) if isinstance(outcome, dict) else []
+        for issue in issues if isinstance(issues, list) else []:
+            code = issue.get("code") if isinstance(issue, dict) else None
+            key = code if isinstance(code, str) else "unknown"
+            counts[key] = counts.get(key, 0) + 1
+    return outcomes, counts
+
+
+# --- downstream helpers: deletions and de-duplication ---------------------------------------
+def iter_deleted_references(paths: Sequence[Path]) -> Iterator[str]:
+    """``Type/id`` of every DELETE entry in the manifest's deleted[] transaction Bundles."""
+    for line in _iter_lines(paths):
+        try:
+            bundle = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
+            request = entry.get("request", {}) if isinstance(entry, dict) else {}
+            if isinstance(request, dict) and request.get("method") == "DELETE":
+                url = str(request.get("url", ""))
+                # Entries may be absolute ([base]/Type/id); keep the Type/id tail.
+                parts = url.rstrip("/").split("/")
+                if len(parts) >= 2:
+                    yield f"{parts[-2]}/{parts[-1]}"
+
+
+@dataclass(frozen=True)
+class DedupStats:
+    read: int
+    kept: int
+    duplicates: int
+    excluded: int
+
+
+def _version_rank(resource: Mapping[str, Any]) -> tuple[dt.datetime, int]:
+    meta = resource.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    updated = dt.datetime.min.replace(tzinfo=dt.UTC)
+    if isinstance(meta.get("lastUpdated"), str):
+        with contextlib.suppress(ValueError):
+            updated = _instant(meta["lastUpdated"])
+    version = str(meta.get("versionId", ""))
+    # Medplum's versionIds are UUIDs, not counters: only numeric ones can order versions.
+    return updated, int(version) if version.isdigit() else -1
+
+
+def iter_latest_resources(
+    paths: Sequence[Path], *, exclude: Container[str] = ()
+) -> Iterator[tuple[Path, int, bytes]]:
+    """Yield ``(file, line number, raw line)`` for the newest version of each resource.
+
+    Exports that overlap at the `_since` boundary (or a server that sends a resource twice)
+    leave several copies of one ``Type/id``; the copy with the latest ``meta.lastUpdated``
+    wins, then the higher numeric ``meta.versionId``, then the later position (later file,
+    later line), so the newest export wins ties. ``exclude`` drops references (e.g. from
+    ``iter_deleted_references``). Lines without an id are passed through.
+
+    Two streaming passes: the first keeps only an index of ``Type/id`` to winner position,
+    the second re-reads the files, so memory grows with the number of distinct resources,
+    never with their size. Lines come out in file order, with their original line numbers,
+    as ``run_gate`` reports them.
+    """
+    winners: dict[str, tuple[tuple[dt.datetime, int], int, int]] = {}
+    for file_index, path in enumerate(paths):
+        with path.open("rb") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                key, rank = _identity(line)
+                if key is None:
+                    continue
+                position = (rank, file_index, line_number)
+                best = winners.get(key)
+                if best is None or position > best:
+                    winners[key] = position
+    for file_index, path in enumerate(paths):
+        with path.open("rb") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                key, rank = _identity(line)
+                is_winner = key is not None and winners[key] == (rank, file_index, line_number)
+                if key is None or (is_winner and key not in exclude):
+                    yield path, line_number, line
+
+
+def _identity(line: bytes) -> tuple[str | None, tuple[dt.datetime, int]]:
+    floor = (dt.datetime.min.replace(tzinfo=dt.UTC), -1)
+    if not line.strip():
+        return None, floor
+    try:
+        resource = json.loads(line)
+    except json.JSONDecodeError:
+        return None, floor
+    if not isinstance(resource, dict) or not resource.get("id"):
+        return None, floor
+    return f"{resource.get('resourceType')}/{resource['id']}", _version_rank(resource)
+
+
+def dedup_ndjson(
+    paths: Sequence[Path], target: Path, *, exclude: Container[str] = ()
+) -> DedupStats:
+    """Write the newest version of each resource in ``paths`` to ``target`` (atomically)."""
+    read = excluded = kept = 0
+    for line in _iter_lines(paths):
+        read += 1
+        key = _identity(line)[0] if exclude else None
+        excluded += 1 if key is not None and key in exclude else 0
+    partial = target.with_name(target.name + ".part")
+    with partial.open("wb") as handle:
+        for _path, _number, line in iter_latest_resources(paths, exclude=exclude):
+            handle.write(line if line.endswith(b"\n") else line + b"\n")
+            kept += 1
+    os.replace(partial, target)
+    return DedupStats(read=read, kept=kept, duplicates=read - kept - excluded, excluded=excluded)
+
+
+__all__ = [
+    "BulkDataClient",
+    "DedupStats",
+    "ExportConfig",
+    "ExportProgress",
+    "ExportRequest",
+    "ExportResult",
+    "dedup_ndjson",
+    "iter_deleted_references",
+    "iter_latest_resources",
+    "retry_after_seconds",
+]
