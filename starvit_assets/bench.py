@@ -187,24 +187,26 @@ def run_bench(*, patients: int, out: Path, seed: int) -> int:
 
         from starvit_assets.deid.engine import LocalDeidEngine
         from starvit_assets.deid.policy import load_policy
-        from starvit_assets.lake.gate import run_gate
+        from starvit_assets.lake.gate import build_gate
         from starvit_assets.lake.partitions import RawLake
-        from starvit_assets.views.runner import compile_view, shipped_views
+        from starvit_assets.views.runner import shipped_views
 
         policy = load_policy()
         engine = LocalDeidEngine(settings.key, policy, reference_date=dt.date.today())
         lake = RawLake(settings.lake_root)
         for name, view in shipped_views().items():
             resource_type = str(view["resource"])
-            result = run_gate(
+            gate = build_gate(
                 table_name=name,
-                view=compile_view(view),
-                files=sorted(export_dir.glob(f"{resource_type}*.ndjson")),
+                view=view,
                 backend=engine,
+                policy=policy,
                 key=settings.key,
-                export_id="bench",
-                policy_version=policy.version,
+                export_date=dt.date.today(),
             )
+            result = gate.run(sorted(export_dir.glob(f"{resource_type}*.ndjson")), "bench")
+            if not result.reconciles():
+                raise RuntimeError(f"{name}: the gate's counts do not reconcile")
             lake.stage(name, "bench", result.table)
             lake.publish(name, "bench")
         return total

@@ -34,6 +34,8 @@ class RunSummary:
     materialized: list[str] = field(default_factory=list)
     checks_passed: list[str] = field(default_factory=list)
     checks_failed: list[str] = field(default_factory=list)
+    # Non-blocking checks that did not pass (severity WARN): reported, not a failed run.
+    checks_warned: list[str] = field(default_factory=list)
     failed_steps: list[str] = field(default_factory=list)
 
 
@@ -58,7 +60,7 @@ def materialize_all(settings: StarvitSettings, log_path: Path | None = None) -> 
 
     With ``log_path``, the run's console output (Dagster's and dbt's) goes to that file.
     """
-    from dagster import DagsterEventType, DagsterInstance
+    from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance
 
     from starvit_assets.definitions import defs
 
@@ -84,7 +86,12 @@ def materialize_all(settings: StarvitSettings, log_path: Path | None = None) -> 
         elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.asset_check_evaluation_data
             name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
-            (summary.checks_passed if evaluation.passed else summary.checks_failed).append(name)
+            if evaluation.passed:
+                summary.checks_passed.append(name)
+            elif evaluation.severity == AssetCheckSeverity.WARN:
+                summary.checks_warned.append(name)
+            else:
+                summary.checks_failed.append(name)
         elif event.event_type == DagsterEventType.STEP_FAILURE and event.step_key:
             summary.failed_steps.append(event.step_key)
     return summary
@@ -158,7 +165,12 @@ def _print_summary(
     print(
         f"Assets materialized: {len(set(summary.materialized))}  ({', '.join(f'{z} {n}' for z, n in sorted(by_zone.items()))})"
     )
-    print(f"Checks passed: {len(summary.checks_passed)}   failed: {len(summary.checks_failed)}")
+    print(
+        f"Checks passed: {len(summary.checks_passed)}   warned: {len(summary.checks_warned)}"
+        f"   failed: {len(summary.checks_failed)}"
+    )
+    for name in summary.checks_warned:
+        print(f"  warning from check {name} (non-blocking; see its metadata in the UI)")
     for name in summary.checks_failed:
         print(f"  FAILED check {name}")
     for step in summary.failed_steps:

@@ -12,6 +12,7 @@ import sys
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,6 +75,20 @@ class StarvitSettings(BaseSettings):
         default=None, description="File holding the hex-encoded HMAC key"
     )
     export_types: str = "Patient,Encounter,Observation,Condition,MedicationRequest"
+    deid_backend: Literal["local", "dlp"] = Field(
+        default="local", description="De-identification backend: the local engine or Cloud DLP"
+    )
+    dlp_project: str | None = Field(default=None, description="Cloud DLP project id")
+    dlp_location: str = Field(default="global", description="Cloud DLP location")
+    dlp_kms_key_name: str | None = Field(
+        default=None, description="Cloud KMS key that wraps the DLP data key (production)"
+    )
+    dlp_wrapped_key_file: Path | None = Field(
+        default=None, description="File holding the KMS-wrapped DLP data key (binary)"
+    )
+    k_anonymity_threshold: int = Field(
+        default=5, ge=2, description="Smallest acceptable class size on the quasi-identifiers"
+    )
 
     @model_validator(mode="after")
     def _absolute_home(self) -> StarvitSettings:

@@ -4,6 +4,8 @@ once per test session; tests then read their outputs."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +33,14 @@ class PlatformEnv:
 
 
 @pytest.fixture(scope="session")
-def platform_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformEnv]:
+def platform_env() -> Iterator[PlatformEnv]:
     """A private STARVIT_HOME with its own embedded PostgreSQL, stopped at the end."""
     from starvit_assets.warehouse.embedded import stop_embedded_postgres
 
-    home = tmp_path_factory.mktemp("starvit_home")
+    # Not under pytest's basetemp: a concurrent pytest session may rotate that away while the
+    # server (running as another user when we are root) still needs its data directory.
+    home = Path(tempfile.mkdtemp(prefix="starvit-test-home-"))
+    home.chmod(0o755)
     saved = dict(os.environ)
     for name in _ISOLATED_VARIABLES:
         os.environ.pop(name, None)
@@ -52,6 +57,7 @@ def platform_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PlatformE
         stop_embedded_postgres(home / "pgdata")
         os.environ.clear()
         os.environ.update(saved)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ NDJSON of that resource type is purged from the PHI zone.
 
 import datetime as dt
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -14,9 +15,10 @@ import pyarrow.parquet as pq
 
 from starvit_assets.defs.extract import fhir_asset_key
 from starvit_assets.defs.resources import PlatformResource
-from starvit_assets.deid.engine import LocalDeidEngine
+from starvit_assets.deid.engine import DeidError
+from starvit_assets.deid.kanonymity import PATIENT_QUASI_IDENTIFIERS, k_anonymity
 from starvit_assets.deid.leak import LeakHashSet
-from starvit_assets.deid.policy import load_policy
+from starvit_assets.deid.policy import PolicyError, load_policy
 from starvit_assets.exports import (
     ExportRecordError,
     StagedExport,
@@ -25,14 +27,18 @@ from starvit_assets.exports import (
     staging_dir,
 )
 from starvit_assets.lake.contracts import CONTRACTS, TableContract, validate
-from starvit_assets.lake.gate import GateError, run_gate
+from starvit_assets.lake.filters import FilterError
+from starvit_assets.lake.gate import GateCounts, GateError, build_gate
+from starvit_assets.lake.partitions import PART_FILE
 from starvit_assets.settings import StarvitSettings
-from starvit_assets.views.runner import compile_view, shipped_views
+from starvit_assets.views.runner import shipped_views
 
 GROUP = "deid_raw"
 CONTRACT_CHECK = "contract"
 LEAK_CHECK = "no_phi_leak"
 RECONCILE_CHECK = "rows_reconcile"
+K_ANONYMITY_CHECK = "k_anonymity"
+PATIENT_TABLE = "patient"
 
 
 def deid_asset_key(table: str) -> dg.AssetKey:
@@ -61,7 +67,26 @@ def _check_specs(table: str) -> list[dg.AssetCheckSpec]:
             RECONCILE_CHECK,
             asset=key,
             blocking=True,
-            description="Resources exported = resources read = resources published + filtered.",
+            description=(
+                "Lines exported = lines read = resources with rows + without rows + quarantined "
+                "lines; rows flattened = rows published + quarantined + held back by the filter."
+            ),
+        ),
+        *(
+            [
+                dg.AssetCheckSpec(
+                    K_ANONYMITY_CHECK,
+                    asset=key,
+                    blocking=False,
+                    description=(
+                        "k-anonymity report on the quasi-identifiers "
+                        f"({', '.join(PATIENT_QUASI_IDENTIFIERS)}); warns when any class is "
+                        "smaller than STARVIT_K_ANONYMITY_THRESHOLD."
+                    ),
+                )
+            ]
+            if table == PATIENT_TABLE
+            else []
         ),
     ]
 
@@ -98,14 +123,24 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             raise dg.Failure(description=str(error)) from None
         key = deid_asset_key(table)
 
+        quarantine = platform.quarantine
         if lake.is_published(table, export.export_id):
             context.log.info(f"{table}: export {export.export_id} already published; re-verifying")
-            path = lake.published_dir(table, export.export_id) / "part-00000.parquet"
-            data = pq.read_table(path)
-            yield from _check_results(key, contract, data, settings, export, export.count, 0)
+            folder = lake.published_dir(table, export.export_id)
+            data = pq.read_table(folder / PART_FILE)
+            quarantined = pq.read_table(
+                quarantine.published_dir(table, export.export_id) / PART_FILE
+            )
+            counts = GateCounts.load(folder)
+            yield from _check_results(key, contract, data, quarantined, settings, export, counts)
             yield dg.MaterializeResult(
                 asset_key=key,
-                metadata={"export_id": export.export_id, "rows": data.num_rows, "published": True},
+                metadata={
+                    "export_id": export.export_id,
+                    "rows": data.num_rows,
+                    **_counts_metadata(counts),
+                    "published": True,
+                },
             )
             return
 
@@ -118,41 +153,43 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
                 )
             )
         policy = load_policy()
-        engine = LocalDeidEngine(
-            settings.key, policy, reference_date=_export_date(export.transaction_time)
+        gate = build_gate(
+            table_name=table,
+            view=view,
+            backend=platform.deid_backend(policy, _export_date(export.transaction_time)),
+            policy=policy,
+            key=settings.key,
+            export_date=_export_date(export.transaction_time),
         )
         try:
-            result = run_gate(
-                table_name=table,
-                view=compile_view(view),
-                files=export.paths(settings),
-                backend=engine,
-                key=settings.key,
-                export_id=export.export_id,
-                policy_version=policy.version,
-            )
-        except GateError as error:
+            result = gate.run(export.paths(settings), export.export_id)
+        except (GateError, PolicyError, FilterError, DeidError) as error:
             raise dg.Failure(description=f"{table}: {error}") from None
 
+        counts = result.counts()
         lake.stage(table, export.export_id, result.table)
+        quarantine.stage(table, export.export_id, result.quarantine)
+        counts.save(lake.staging_dir(table, export.export_id))
         checks = list(
-            _check_results(
-                key,
-                contract,
-                result.table,
-                settings,
-                export,
-                result.resources_read,
-                result.resources_without_rows,
-            )
+            _check_results(key, contract, result.table, result.quarantine, settings, export, counts)
         )
         yield from checks
-        if not all(check.passed for check in checks):
+        blocking_failed = [
+            str(check.check_name)
+            for check in checks
+            if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+        ]
+        if blocking_failed:
             lake.discard_staged(table, export.export_id)
-            failed = ", ".join(str(check.check_name) for check in checks if not check.passed)
+            quarantine.discard_staged(table, export.export_id)
             raise dg.Failure(
-                description=f"{table}: blocking checks failed ({failed}); partition not published"
+                description=(
+                    f"{table}: blocking checks failed ({', '.join(blocking_failed)}); "
+                    "partition not published"
+                )
             )
+        # The quarantine goes first: a published partition always has its quarantine beside it.
+        quarantine.publish(table, export.export_id)
         published = lake.publish(table, export.export_id)
         _purge_staged(settings, export)
         yield dg.MaterializeResult(
@@ -160,9 +197,13 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             metadata={
                 "export_id": export.export_id,
                 "rows": dg.MetadataValue.int(result.rows),
-                "resources_read": dg.MetadataValue.int(result.resources_read),
+                **_counts_metadata(counts),
+                "flattened_by": result.flattened_by,
                 "policy_version": policy.version,
                 "path": dg.MetadataValue.path(str(published)),
+                "quarantine_path": dg.MetadataValue.path(
+                    str(quarantine.published_dir(table, export.export_id))
+                ),
                 "published": True,
                 "dagster/column_schema": _column_schema(result.table.schema),
             },
@@ -171,46 +212,76 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
     return _deid_table
 
 
+def _counts_metadata(counts: GateCounts) -> dict[str, Any]:
+    return {
+        "resources_read": dg.MetadataValue.int(counts.resources_read),
+        "rows_quarantined": dg.MetadataValue.int(counts.rows_quarantined),
+        "lines_quarantined": dg.MetadataValue.int(counts.lines_quarantined),
+        "rows_held_back": dg.MetadataValue.int(counts.rows_held_back),
+        "held_back_by_reason": dg.MetadataValue.json(counts.held_back),
+        "quarantined_by_reason": dg.MetadataValue.json(counts.quarantine_reasons),
+    }
+
+
 def _check_results(
     key: dg.AssetKey,
     contract: TableContract,
     data: pa.Table,
+    quarantined: pa.Table,
     settings: StarvitSettings,
     export: StagedExport,
-    resources_read: int,
-    resources_without_rows: int,
+    counts: GateCounts,
 ) -> Iterator[dg.AssetCheckResult]:
     failures = validate(contract, data)
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=CONTRACT_CHECK,
         passed=not failures,
-        metadata={"failures": dg.MetadataValue.json(failures), "rows": data.num_rows},
+        metadata={
+            "failures": dg.MetadataValue.json(failures),
+            "rows": data.num_rows,
+            "rows_quarantined": counts.rows_quarantined,
+        },
     )
-    hits = _leak_hashes(settings).find_leaks(data)
+    leak_hashes = _leak_hashes(settings)
+    hits = leak_hashes.find_leaks(data)
+    quarantine_hits = leak_hashes.find_leaks(quarantined)
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=LEAK_CHECK,
-        passed=not hits,
+        passed=not hits and not quarantine_hits,
         metadata={
-            "hits": len(hits),
-            "columns_with_hits": dg.MetadataValue.json(sorted({hit.column for hit in hits})),
+            "hits": len(hits) + len(quarantine_hits),
+            "columns_with_hits": dg.MetadataValue.json(
+                sorted({hit.column for hit in (*hits, *quarantine_hits)})
+            ),
         },
     )
-    published_resources = data.group_by(["_source_file", "_source_line"]).aggregate([]).num_rows
-    reconciled = export.count == resources_read == published_resources + resources_without_rows
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=RECONCILE_CHECK,
-        passed=reconciled,
+        passed=counts.reconciles and export.count == counts.resources_read,
         metadata={
             "exported": export.count,
-            "read": resources_read,
-            "published_resources": published_resources,
-            "filtered": resources_without_rows,
-            "quarantined": 0,
+            "read": counts.resources_read,
+            "resources_with_rows": counts.resources_with_rows,
+            "resources_without_rows": counts.resources_without_rows,
+            "lines_quarantined": counts.lines_quarantined,
+            "rows_flattened": counts.rows_flattened,
+            "rows_published": counts.rows_published,
+            "rows_quarantined": counts.rows_quarantined,
+            "rows_held_back": counts.rows_held_back,
         },
     )
+    if key.path[-1] == PATIENT_TABLE:
+        report = k_anonymity(data, PATIENT_QUASI_IDENTIFIERS, settings.k_anonymity_threshold)
+        yield dg.AssetCheckResult(
+            asset_key=key,
+            check_name=K_ANONYMITY_CHECK,
+            passed=report.satisfied,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={name: value for name, value in report.as_metadata().items()},
+        )
 
 
 def _column_schema(schema: pa.Schema) -> dg.TableSchema:
@@ -227,7 +298,9 @@ def _purge_staged(settings: StarvitSettings, export: StagedExport) -> None:
     for path in export.paths(settings):
         path.unlink(missing_ok=True)
     folder = staging_dir(settings, export.export_id)
-    if folder.is_dir() and not any(folder.glob("*.ndjson")):
+    # The export's error and deleted lists (``_error.*``, ``_deleted.*``) go with the last type.
+    resource_files = [path for path in folder.glob("*.ndjson") if not path.name.startswith("_")]
+    if folder.is_dir() and not resource_files:
         for leftover in folder.iterdir():
             leftover.unlink()
         folder.rmdir()

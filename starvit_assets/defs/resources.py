@@ -1,12 +1,15 @@
 """Dagster resources: thin wrappers that hand the domain modules their settings and endpoints."""
 
+import datetime as dt
 from functools import cached_property
 
 import dagster as dg
 import psycopg
 
 from starvit_assets import platform
-from starvit_assets.lake.partitions import RawLake
+from starvit_assets.deid.engine import DeidBackend, LocalDeidEngine
+from starvit_assets.deid.policy import Policy
+from starvit_assets.lake.partitions import QUARANTINE_LAYER, RawLake
 from starvit_assets.settings import StarvitSettings, load_settings
 
 
@@ -26,6 +29,41 @@ class PlatformResource(dg.ConfigurableResource):
     @property
     def lake(self) -> RawLake:
         return RawLake(self.settings.lake_root)
+
+    @property
+    def quarantine(self) -> RawLake:
+        return RawLake(self.settings.lake_root, layer=QUARANTINE_LAYER)
+
+    def deid_backend(self, policy: Policy, reference_date: dt.date) -> DeidBackend:
+        """The configured backend for one export: the local engine, or Cloud DLP."""
+        settings = self.settings
+        if settings.deid_backend == "local":
+            return LocalDeidEngine(settings.key, policy, reference_date=reference_date)
+        from starvit_assets.deid.dlp import KmsWrappedKey, UnwrappedKey, create_dlp_backend
+
+        if not settings.dlp_project:
+            raise dg.Failure(description="STARVIT_DEID_BACKEND=dlp needs STARVIT_DLP_PROJECT")
+        key: KmsWrappedKey | UnwrappedKey
+        if settings.dlp_kms_key_name and settings.dlp_wrapped_key_file:
+            key = KmsWrappedKey(
+                settings.dlp_wrapped_key_file.read_bytes(), settings.dlp_kms_key_name
+            )
+        elif settings.env == "dev":
+            key = UnwrappedKey(settings.key)
+        else:
+            raise dg.Failure(
+                description=(
+                    "outside dev, the DLP backend needs a KMS-wrapped key: set "
+                    "STARVIT_DLP_KMS_KEY_NAME and STARVIT_DLP_WRAPPED_KEY_FILE"
+                )
+            )
+        return create_dlp_backend(
+            project=settings.dlp_project,
+            location=settings.dlp_location,
+            key=key,
+            policy=policy,
+            reference_date=reference_date,
+        )
 
     def warehouse_connection(self) -> psycopg.Connection:
         return psycopg.connect(self.endpoints.warehouse_dsn)

@@ -7,7 +7,6 @@ pass over its distinct values plus an Arrow ``take``.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import re
 from collections.abc import Callable
@@ -48,6 +47,7 @@ _FHIR_TEMPORAL = re.compile(
     r"^(?P<year>\d{4})(?:-(?P<month>\d{2})(?:-(?P<day>\d{2})"
     r"(?P<time>T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2})?)?)?)?$"
 )
+FHIR_TEMPORAL_PATTERN = _FHIR_TEMPORAL.pattern
 _ZIP = re.compile(r"^(\d{3})\d{2}(?:-\d{4})?$")
 
 
@@ -63,18 +63,18 @@ class DeidBackend(Protocol):
 
 def content_hash(key: bytes, line: bytes) -> str:
     """Keyed hash of a source line: detects change without letting anyone confirm content."""
-    return hmac.new(key, b"content/" + line, hashlib.sha256).hexdigest()
+    # hmac.digest is the one-shot C path: several times faster than hmac.new per value.
+    return hmac.digest(key, b"content/" + line, "sha256").hex()
 
 
 def pseudonym(key: bytes, resource_type: str, resource_id: str) -> str:
-    return hmac.new(key, f"{resource_type}/{resource_id}".encode(), hashlib.sha256).hexdigest()[
-        :TOKEN_HEX_CHARS
-    ]
+    digest = hmac.digest(key, f"{resource_type}/{resource_id}".encode(), "sha256")
+    return digest.hex()[:TOKEN_HEX_CHARS]
 
 
 def date_shift_days(key: bytes, patient_id: str, max_days: int) -> int:
     """A per-patient offset in [-max_days, -1] or [1, max_days]; never zero."""
-    digest = hmac.new(key, f"date-shift/Patient/{patient_id}".encode(), hashlib.sha256).digest()
+    digest = hmac.digest(key, f"date-shift/Patient/{patient_id}".encode(), "sha256")
     bucket = int.from_bytes(digest[:8], "big") % (2 * max_days)
     return bucket - max_days if bucket < max_days else bucket - max_days + 1
 

@@ -124,3 +124,45 @@ def _pandas_type(arrow_type: pa.DataType) -> object:
     if pa.types.is_boolean(arrow_type):
         return pd.BooleanDtype()
     return None
+
+
+def row_violations(contract: TableContract, table: pa.Table) -> pa.Array:
+    """Per row, the first contract rule it breaks (null where it conforms).
+
+    The reasons name a column and a rule, never a value, so they may cross into the quarantine.
+    """
+    import pyarrow.compute as pc
+
+    reason = pa.nulls(table.num_rows, pa.string())
+
+    def mark(failing: pa.Array, text: str) -> None:
+        nonlocal reason
+        failing = pc.and_(pc.is_null(reason), pc.fill_null(failing, False))
+        reason = pc.if_else(failing, pa.scalar(text, pa.string()), reason)
+
+    for name in (contract.key, *contract.required):
+        mark(pc.is_null(table.column(name)), f"{name}: required value missing")
+    for name, allowed in contract.allowed.items():
+        values = table.column(name).cast(pa.string())
+        mark(
+            pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(allowed)))),
+            f"{name}: value not allowed",
+        )
+    for name, (low, high) in contract.ranges.items():
+        values = table.column(name)
+        mark(pc.or_(pc.less(values, low), pc.greater(values, high)), f"{name}: out of range")
+    # Later rows repeating an earlier key break uniqueness; the first one stays publishable.
+    keys = table.column(contract.key).combine_chunks()
+    if keys.null_count < len(keys):
+        positions = pa.array(range(len(keys)), pa.int64())
+        first = (
+            pa.table({"key": keys, "row": positions})
+            .group_by("key")
+            .aggregate([("row", "min")])
+            .column("row_min")
+        )
+        mark(
+            pc.and_(pc.is_valid(keys), pc.invert(pc.is_in(positions, first))),
+            f"{contract.key}: duplicate key",
+        )
+    return reason

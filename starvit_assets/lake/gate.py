@@ -1,37 +1,46 @@
-"""The de-identification gate for one table: staged NDJSON in, de-identified Arrow table out.
+"""The de-identification gate for one table: staged NDJSON in, de-identified Arrow tables out.
 
-Flattening (ViewDefinition) and de-identification (policy) happen here, in memory; only the
-returned table, which holds de-identified columns and lineage, may be written to the lake.
+Flattening (ViewDefinition), the record filter, de-identification (policy) and the row-level
+contract happen here, in memory. Every input line ends in exactly one place:
+
+- a line that is not JSON, or not a resource of the view's type, is quarantined (lineage only);
+- a resource the view yields no row for is counted as ``resources_without_rows``;
+- every flattened row is published, quarantined with a reason, or held back by the record
+  filter and counted by reason.
+
+Only the returned tables, which hold de-identified columns and lineage, may be written to the
+lake; reasons name columns and rules, never values.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from starvit_assets.deid.engine import DeidBackend, content_hash
-from starvit_assets.views.runner import CompiledView
+from starvit_assets.deid.engine import FHIR_TEMPORAL_PATTERN, DeidBackend, content_hash
+from starvit_assets.deid.policy import Policy
+from starvit_assets.lake.contracts import CONTRACTS, TableContract, row_violations
+from starvit_assets.lake.filters import FilterConfig, RecordFilter, load_filters, record_filter
+from starvit_assets.views.runner import CompiledView, ViewDefinitionError, compile_view
+from starvit_assets.views.vectorized import compile_vectorized
 
-_BATCH_RESOURCES = 20_000
+BATCH_LINES = 20_000
+_READ_BLOCK = 8 << 20
+QUARANTINE_REASON = "_quarantine_reason"
+_TEMPORAL_METHODS = ("date_shift", "generalise")
 
 
 class GateError(Exception):
-    """Input that cannot cross the gate; the message names the file and line, never content."""
-
-
-@dataclass(frozen=True)
-class GateResult:
-    table: pa.Table
-    resources_read: int
-    resources_without_rows: int
-
-    @property
-    def rows(self) -> int:
-        return self.table.num_rows
+    """Input that cannot cross the gate at all; the message names file and line, never content."""
 
 
 def lineage_schema() -> pa.Schema:
@@ -46,73 +55,366 @@ def lineage_schema() -> pa.Schema:
     )
 
 
-def run_gate(
+@dataclass(frozen=True)
+class GateCounts:
+    """What the gate did with every line and row; saved beside the partition (holds no PHI)."""
+
+    resources_read: int
+    resources_with_rows: int
+    resources_without_rows: int
+    lines_quarantined: int
+    rows_flattened: int
+    rows_published: int
+    rows_quarantined: int
+    held_back: dict[str, int]
+    quarantine_reasons: dict[str, int]
+    reconciles: bool
+
+    FILE: ClassVar[str] = "gate-counts.json"
+
+    @property
+    def rows_held_back(self) -> int:
+        return sum(self.held_back.values())
+
+    def save(self, folder: Path) -> None:
+        (folder / self.FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, folder: Path) -> GateCounts:
+        return cls(**json.loads((folder / cls.FILE).read_text()))
+
+
+@dataclass(frozen=True)
+class GateResult:
+    table: pa.Table
+    quarantine: pa.Table
+    resources_read: int
+    resources_with_rows: int
+    resources_without_rows: int
+    lines_quarantined: int
+    rows_flattened: int
+    held_back: dict[str, int]
+    flattened_by: str
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def rows_held_back(self) -> int:
+        return sum(self.held_back.values())
+
+    @property
+    def quarantine_reasons(self) -> dict[str, int]:
+        reasons = self.quarantine.column(QUARANTINE_REASON).to_pylist()
+        return dict(sorted(Counter(str(reason) for reason in reasons).items()))
+
+    @property
+    def rows_quarantined(self) -> int:
+        return self.quarantine.num_rows - self.lines_quarantined
+
+    def reconciles(self) -> bool:
+        """Every line and every flattened row is accounted for exactly once."""
+        lines = self.resources_with_rows + self.resources_without_rows + self.lines_quarantined
+        rows = self.rows + self.rows_quarantined + self.rows_held_back
+        return self.resources_read == lines and self.rows_flattened == rows
+
+    def counts(self) -> GateCounts:
+        return GateCounts(
+            resources_read=self.resources_read,
+            resources_with_rows=self.resources_with_rows,
+            resources_without_rows=self.resources_without_rows,
+            lines_quarantined=self.lines_quarantined,
+            rows_flattened=self.rows_flattened,
+            rows_published=self.rows,
+            rows_quarantined=self.rows_quarantined,
+            held_back=self.held_back,
+            quarantine_reasons=self.quarantine_reasons,
+            reconciles=self.reconciles(),
+        )
+
+
+@dataclass
+class _Lines:
+    data: list[bytes] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True)
+class _Flattened:
+    table: pa.Table
+    resource_index: pa.Array
+    # Per line: None when the line is fine, else why it cannot be flattened.
+    line_problems: list[str | None]
+
+
+@dataclass(frozen=True)
+class Gate:
+    table_name: str
+    view: dict[str, Any]
+    backend: DeidBackend
+    policy: Policy
+    record_filter: RecordFilter
+    key: bytes
+
+    @cached_property
+    def compiled(self) -> CompiledView:
+        return compile_view(self.view)
+
+    @cached_property
+    def contract(self) -> TableContract:
+        return CONTRACTS[self.table_name]
+
+    @cached_property
+    def _temporal_columns(self) -> list[str]:
+        rules = self.policy.table(self.table_name).columns
+        return [
+            name
+            for name, rule in rules.items()
+            if rule.method == "date_shift"
+            or (rule.method == "generalise" and rule.kind == "birth_year")
+        ]
+
+    def run(self, files: Sequence[Path], export_id: str) -> GateResult:
+        self.policy.table(self.table_name).check_covers(self.compiled.column_names, self.table_name)
+        self.record_filter.check_columns(self.compiled.column_names)
+        vectorized = compile_vectorized(self.view)
+        published: list[pa.Table] = []
+        quarantined: list[pa.Table] = []
+        held_back: Counter[str] = Counter()
+        resources_read = resources_with_rows = resources_without_rows = 0
+        lines_quarantined = rows_flattened = 0
+        for lines in _read_lines(files):
+            resources_read += len(lines)
+            flat = self._flatten(lines, vectorized)
+            rows_flattened += flat.table.num_rows
+            with_rows = set(pc.unique(flat.resource_index).to_pylist())
+            resources_with_rows += len(with_rows)
+            resources_without_rows += sum(
+                1
+                for index, problem in enumerate(flat.line_problems)
+                if problem is None and index not in with_rows
+            )
+            lineage = self._lineage(lines, export_id)
+            outcome = self.record_filter.apply(flat.table)
+            held_back.update(outcome.held_back)
+            keep = outcome.passed
+            rows = flat.table.filter(keep)
+            rows, reasons = self._null_malformed_dates(rows)
+            deidentified = self.backend.deidentify(self.table_name, rows)
+            row_lineage = lineage.take(pc.filter(flat.resource_index, keep))
+            for lineage_field in row_lineage.schema:
+                deidentified = deidentified.append_column(
+                    lineage_field, row_lineage[lineage_field.name]
+                )
+            published.append(deidentified.append_column(QUARANTINE_REASON, reasons))
+            problem_lines = [i for i, problem in enumerate(flat.line_problems) if problem]
+            lines_quarantined += len(problem_lines)
+            if problem_lines:
+                quarantined.append(
+                    lineage.take(pa.array(problem_lines, pa.int64())).append_column(
+                        QUARANTINE_REASON,
+                        pa.array([flat.line_problems[i] for i in problem_lines], pa.string()),
+                    )
+                )
+        if published:
+            everything = pa.concat_tables(published)
+        else:
+            empty = self.backend.deidentify(
+                self.table_name, self.compiled.arrow_schema().empty_table()
+            )
+            everything = pa.table(
+                {
+                    **{name: empty[name] for name in empty.column_names},
+                    **{f.name: pa.array([], f.type) for f in lineage_schema()},
+                    QUARANTINE_REASON: pa.array([], pa.string()),
+                }
+            )
+        contract_reasons = row_violations(self.contract, everything)
+        reason = pc.coalesce(everything.column(QUARANTINE_REASON), contract_reasons)
+        everything = everything.set_column(
+            everything.schema.get_field_index(QUARANTINE_REASON), QUARANTINE_REASON, reason
+        )
+        bad = pc.is_valid(reason)
+        table = everything.filter(pc.invert(bad)).drop_columns([QUARANTINE_REASON])
+        quarantine = pa.concat_tables(
+            [everything.filter(bad), *quarantined], promote_options="default"
+        )
+        return GateResult(
+            table=table,
+            quarantine=quarantine,
+            resources_read=resources_read,
+            resources_with_rows=resources_with_rows,
+            resources_without_rows=resources_without_rows,
+            lines_quarantined=lines_quarantined,
+            rows_flattened=rows_flattened,
+            held_back=dict(sorted(held_back.items())),
+            flattened_by="vectorized" if vectorized is not None else "general",
+        )
+
+    def _flatten(self, lines: _Lines, vectorized: Any) -> _Flattened:
+        if vectorized is not None:
+            try:
+                batch = vectorized.flatten(lines.data)
+            except ValueError:
+                pass  # a line is not JSON: the general path finds and quarantines it
+            else:
+                wrong = pc.not_equal(batch.resource_types, self.compiled.resource_type)
+                problems: list[str | None] = [
+                    self._wrong_type() if is_wrong else None
+                    for is_wrong in pc.fill_null(wrong, True).to_pylist()
+                ]
+                keep = pc.invert(pc.is_in(batch.resource_index, _indices(problems)))
+                return _Flattened(
+                    batch.table.filter(keep), pc.filter(batch.resource_index, keep), problems
+                )
+        return self._flatten_general(lines)
+
+    def _flatten_general(self, lines: _Lines) -> _Flattened:
+        view = self.compiled
+        columns: dict[str, list[object]] = {name: [] for name in view.column_names}
+        resource_index: list[int] = []
+        problems: list[str | None] = []
+        for index, line in enumerate(lines.data):
+            try:
+                resource = json.loads(line)
+            except json.JSONDecodeError:
+                problems.append("line: not valid JSON")
+                continue
+            if not isinstance(resource, dict) or resource.get("resourceType") != view.resource_type:
+                problems.append(self._wrong_type())
+                continue
+            try:
+                rows = view.rows(resource)
+            except ViewDefinitionError:
+                problems.append("line: the view cannot be evaluated on this resource")
+                continue
+            problems.append(None)
+            for row in rows:
+                for name in view.column_names:
+                    columns[name].append(row.get(name))
+                resource_index.append(index)
+        return _Flattened(
+            pa.table(columns, schema=view.arrow_schema()),
+            pa.array(resource_index, pa.int64()),
+            problems,
+        )
+
+    def _wrong_type(self) -> str:
+        return f"line: resource type is not {self.compiled.resource_type}"
+
+    def _lineage(self, lines: _Lines, export_id: str) -> pa.Table:
+        count = len(lines)
+        return pa.table(
+            {
+                "_export_id": pa.array([export_id] * count, pa.string()),
+                "_source_file": pa.array(lines.files, pa.string()),
+                "_source_line": pa.array(lines.numbers, pa.int64()),
+                "_content_hash": pa.array(
+                    [content_hash(self.key, line) for line in lines.data], pa.string()
+                ),
+                "_policy_version": pa.array([self.policy.version] * count, pa.string()),
+            },
+            schema=lineage_schema(),
+        )
+
+    def _null_malformed_dates(self, rows: pa.Table) -> tuple[pa.Table, pa.Array]:
+        """Dates the policy must shift or generalise but cannot parse: the value is dropped and
+        the row quarantined, so one bad date never stops a partition nor crosses unshifted."""
+        reason = pa.nulls(rows.num_rows, pa.string())
+        for name in self._temporal_columns:
+            values = rows.column(name).cast(pa.string())
+            malformed = pc.and_(
+                pc.is_valid(values),
+                pc.invert(
+                    pc.fill_null(pc.match_substring_regex(values, FHIR_TEMPORAL_PATTERN), False)
+                ),
+            )
+            malformed = pc.or_(malformed, _impossible_dates(values))
+            if pc.any(malformed).as_py():
+                reason = pc.coalesce(
+                    reason,
+                    pc.if_else(
+                        malformed,
+                        pa.scalar(f"{name}: not a FHIR date"),
+                        pa.scalar(None, pa.string()),
+                    ),
+                )
+                rows = rows.set_column(
+                    rows.schema.get_field_index(name),
+                    rows.schema.field(name),
+                    pc.if_else(malformed, pa.scalar(None, values.type), values).cast(
+                        rows.schema.field(name).type
+                    ),
+                )
+        return rows, reason
+
+
+def _impossible_dates(values: pa.ChunkedArray) -> pa.Array:
+    """Full dates that match the pattern but name no calendar day (2023-02-30)."""
+    days = pc.utf8_slice_codeunits(values, 0, 10)
+    full = pc.fill_null(pc.equal(pc.utf8_length(days), 10), False)
+    candidates = pc.if_else(full, days, pa.scalar(None, pa.string()))
+    # strptime rolls 2023-02-30 over to March: only a round trip tells a real day.
+    parsed = pc.strptime(candidates, "%Y-%m-%d", "s", error_is_null=True)
+    round_trip = pc.cast(pc.cast(parsed, pa.date32()), pa.string())
+    return pc.and_(full, pc.fill_null(pc.not_equal(round_trip, candidates), True))
+
+
+def _indices(problems: list[str | None]) -> pa.Array:
+    return pa.array([i for i, problem in enumerate(problems) if problem], pa.int64())
+
+
+def _read_lines(files: Sequence[Path]) -> Iterator[_Lines]:
+    """Non-empty lines in batches, read in blocks: memory stays bounded by the batch size."""
+    batch = _Lines()
+    for path in files:
+        number = 0
+        for line in _lines_of(path):
+            number += 1
+            stripped = line.rstrip(b"\r")
+            if not stripped.strip():
+                continue
+            batch.data.append(stripped)
+            batch.files.append(path.name)
+            batch.numbers.append(number)
+            if len(batch) >= BATCH_LINES:
+                yield batch
+                batch = _Lines()
+    if batch:
+        yield batch
+
+
+def _lines_of(path: Path) -> Iterator[bytes]:
+    remainder = b""
+    with path.open("rb") as handle:
+        while block := handle.read(_READ_BLOCK):
+            lines = (remainder + block).split(b"\n")
+            remainder = lines.pop()
+            yield from lines
+    if remainder:
+        yield remainder
+
+
+def build_gate(
     *,
     table_name: str,
-    view: CompiledView,
-    files: Sequence[Path],
+    view: dict[str, Any],
     backend: DeidBackend,
+    policy: Policy,
     key: bytes,
-    export_id: str,
-    policy_version: str,
-) -> GateResult:
-    view_schema = view.arrow_schema()
-    batches: list[pa.Table] = []
-    columns: dict[str, list[object]] = {name: [] for name in view.column_names}
-    lineage: dict[str, list[object]] = {name: [] for name in lineage_schema().names}
-    resources_read = 0
-    resources_without_rows = 0
-
-    def flush() -> None:
-        if not lineage["_source_line"]:
-            return
-        flat = pa.table(columns, schema=view_schema)
-        deidentified = backend.deidentify(table_name, flat)
-        lineage_table = pa.table(lineage, schema=lineage_schema())
-        for field in lineage_table.schema:
-            deidentified = deidentified.append_column(field, lineage_table[field.name])
-        batches.append(deidentified)
-        for values in (*columns.values(), *lineage.values()):
-            values.clear()
-
-    for path in files:
-        with path.open("rb") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                resources_read += 1
-                try:
-                    resource = json.loads(line)
-                except json.JSONDecodeError:
-                    raise GateError(f"{path.name} line {line_number}: not valid JSON") from None
-                if resource.get("resourceType") != view.resource_type:
-                    raise GateError(
-                        f"{path.name} line {line_number}: expected {view.resource_type}, "
-                        f"found another resource type"
-                    )
-                rows = view.rows(resource)
-                if not rows:
-                    resources_without_rows += 1
-                    continue
-                digest = content_hash(key, line.rstrip(b"\r\n"))
-                for row in rows:
-                    for name in view.column_names:
-                        columns[name].append(row.get(name))
-                    lineage["_export_id"].append(export_id)
-                    lineage["_source_file"].append(path.name)
-                    lineage["_source_line"].append(line_number)
-                    lineage["_content_hash"].append(digest)
-                    lineage["_policy_version"].append(policy_version)
-                if len(lineage["_source_line"]) >= _BATCH_RESOURCES:
-                    flush()
-    flush()
-    if batches:
-        table = pa.concat_tables(batches)
-    else:
-        empty = backend.deidentify(table_name, view_schema.empty_table())
-        for field in lineage_schema():
-            empty = empty.append_column(field, pa.array([], field.type))
-        table = empty
-    return GateResult(
-        table=table, resources_read=resources_read, resources_without_rows=resources_without_rows
+    export_date: dt.date,
+    filters: FilterConfig | None = None,
+) -> Gate:
+    return Gate(
+        table_name=table_name,
+        view=view,
+        backend=backend,
+        policy=policy,
+        record_filter=record_filter(filters or load_filters(), table_name, export_date),
+        key=key,
     )

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 LAYER = "deid_raw"
+QUARANTINE_LAYER = "deid_quarantine"
 PART_FILE = "part-00000.parquet"
 _EXPORT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -27,12 +28,13 @@ class PartitionError(Exception):
 @dataclass(frozen=True)
 class RawLake:
     root: Path
+    layer: str = LAYER
 
     def published_dir(self, table: str, export_id: str) -> Path:
-        return self.root / LAYER / table / f"export_id={_checked(export_id)}"
+        return self.root / self.layer / table / f"export_id={_checked(export_id)}"
 
     def staging_dir(self, table: str, export_id: str) -> Path:
-        return self.root / "_staging" / LAYER / table / f"export_id={_checked(export_id)}"
+        return self.root / "_staging" / self.layer / table / f"export_id={_checked(export_id)}"
 
     def is_published(self, table: str, export_id: str) -> bool:
         return (self.published_dir(table, export_id) / PART_FILE).is_file()
@@ -64,7 +66,7 @@ class RawLake:
 
     def partitions(self, table: str) -> list[tuple[str, Path]]:
         """Published partitions of ``table`` as (export id, parquet file), oldest export first."""
-        folder = self.root / LAYER / table
+        folder = self.root / self.layer / table
         if not folder.is_dir():
             return []
         found = []

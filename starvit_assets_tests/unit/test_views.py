@@ -202,6 +202,8 @@ def test_every_shipped_view_is_covered() -> None:
 @pytest.mark.parametrize("table", sorted(SHIPPED))
 def test_shipped_view_columns_schema_and_row(table: str) -> None:
     resource, expected, typed = SHIPPED[table]
+    # Every view reads the security labels for the record filter; join() of none is "".
+    expected = {**expected, "security_labels": ""}
     view = compile_view(shipped_views()[table])
 
     assert view.column_names == list(expected)
@@ -220,7 +222,21 @@ def test_shipped_view_leaves_absent_elements_null() -> None:
     (row,) = run_view(shipped_views()["observation"], [sparse])
 
     assert row["observation_id"] == "o2"
-    assert {name for name, value in row.items() if value is not None} == {"observation_id"}
+    assert row["security_labels"] == ""
+    assert {name for name, value in row.items() if value is not None} == {
+        "observation_id",
+        "security_labels",
+    }
+
+
+def test_shipped_views_read_every_security_label() -> None:
+    labelled = {
+        "resourceType": "Observation",
+        "id": "o3",
+        "meta": {"security": [{"code": "R"}, {"code": "ETH"}]},
+    }
+    (row,) = run_view(shipped_views()["observation"], [labelled])
+    assert row["security_labels"] == "R ETH"
 
 
 # --- functions the specification adds ----------------------------------------------------------
