@@ -56,10 +56,13 @@ def cmd_fhir_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_fhir_export(args: argparse.Namespace) -> int:
+    from starvit_assets.fhir.auth import load_auth_from_env
     from starvit_assets.fhir.client import BulkDataClient
 
     types = [t.strip() for t in args.type.split(",") if t.strip()] if args.type else None
-    result = BulkDataClient(args.base_url).export(Path(args.out), types=types, since=args.since)
+    auth = load_auth_from_env(fhir_base_url=args.base_url)
+    with BulkDataClient(args.base_url, auth=auth) as client:
+        result = client.export(Path(args.out), types=types, since=args.since)
     for resource_type, count in sorted(result.counts.items()):
         print(f"{resource_type:<20} {count:>10}")
     print(

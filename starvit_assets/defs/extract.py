@@ -22,7 +22,9 @@ from starvit_assets.exports import (
     record_staged_export,
     staging_dir,
 )
-from starvit_assets.fhir.client import BulkDataClient, ExportResult
+from starvit_assets.fhir.auth import load_auth_from_env
+from starvit_assets.fhir.client import BulkDataClient, ExportRequest, ExportResult
+from starvit_assets.fhir.errors import ExportError
 from starvit_assets.fhir.server import BulkDataServer
 from starvit_assets.settings import StarvitSettings
 
@@ -92,11 +94,20 @@ def fhir_export(
     settings = platform.settings
     selected = [t for t in RESOURCE_TYPES if fhir_asset_key(t) in context.selected_asset_keys]
     incoming = settings.phi_staging_dir / "_incoming"
-    if incoming.exists():
-        shutil.rmtree(incoming)
     started = time.monotonic()
     with fhir_base_url(settings) as base_url:
-        result = BulkDataClient(base_url).export(incoming, types=selected)
+        # Only a configured server needs credentials; the embedded one serves the local folder.
+        auth = load_auth_from_env(fhir_base_url=base_url) if settings.fhir_base_url else None
+        state_dir = settings.home / "state" / "fhir"
+        with BulkDataClient(base_url, auth=auth, state_dir=state_dir) as client:
+            request = ExportRequest(types=tuple(selected))
+            # A saved, unfinished export resumes into the files it already downloaded.
+            if incoming.exists() and not client.has_saved_export(request):
+                shutil.rmtree(incoming)
+            try:
+                result = client.export(incoming, request=request)
+            except ExportError as error:
+                raise dg.Failure(description=f"FHIR export: {error}") from None
     duration = time.monotonic() - started
 
     export_id = export_id_for(result.transaction_time)
@@ -129,6 +140,9 @@ def fhir_export(
                 "resources": dg.MetadataValue.int(on_disk),
                 "files": dg.MetadataValue.int(len(files)),
                 "export_errors": dg.MetadataValue.int(len(result.errors)),
+                "export_error_issue_codes": dg.MetadataValue.json(dict(result.error_issue_counts)),
+                "deleted_in_export": dg.MetadataValue.int(result.deleted_count),
+                "resumed": result.resumed,
                 "duration_seconds": dg.MetadataValue.float(round(duration, 3)),
             },
         )

@@ -472,6 +472,13 @@ class BulkDataClient:
         with guard:
             return self._run(out_dir, request, source, store, fail)
 
+    def has_saved_export(self, request: ExportRequest | None = None) -> bool:
+        """Whether an unfinished export of this request's source is saved for resuming."""
+        if not self.config.state_dir:
+            return False
+        source = (request or ExportRequest()).source(self.base_url)
+        return ExportStateStore(self.config.state_dir).load_job(source) is not None
+
     def cancel_saved_export(self, request: ExportRequest | None = None) -> bool:
         """Abandon the saved, unfinished export of this request's source: DELETE and forget it."""
         if not self.config.state_dir:
