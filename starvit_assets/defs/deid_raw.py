@@ -7,6 +7,7 @@ NDJSON of that resource type is purged from the PHI zone.
 
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -26,7 +27,7 @@ from starvit_assets.exports import (
     leak_hashes_path,
     staging_dir,
 )
-from starvit_assets.lake.contracts import CONTRACTS, TableContract, validate
+from starvit_assets.lake.contracts import CONTRACTS, TableContract, validate_file
 from starvit_assets.lake.filters import FilterError
 from starvit_assets.lake.gate import GateCounts, GateError, build_gate
 from starvit_assets.lake.partitions import PART_FILE
@@ -127,17 +128,15 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
         if lake.is_published(table, export.export_id):
             context.log.info(f"{table}: export {export.export_id} already published; re-verifying")
             folder = lake.published_dir(table, export.export_id)
-            data = pq.read_table(folder / PART_FILE)
-            quarantined = pq.read_table(
-                quarantine.published_dir(table, export.export_id) / PART_FILE
-            )
+            data = folder / PART_FILE
+            quarantined = quarantine.published_dir(table, export.export_id) / PART_FILE
             counts = GateCounts.load(folder)
             yield from _check_results(key, contract, data, quarantined, settings, export, counts)
             yield dg.MaterializeResult(
                 asset_key=key,
                 metadata={
                     "export_id": export.export_id,
-                    "rows": data.num_rows,
+                    "rows": counts.rows_published,
                     **_counts_metadata(counts),
                     "published": True,
                 },
@@ -162,16 +161,21 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             export_date=_export_date(export.transaction_time),
         )
         try:
-            result = gate.run(export.paths(settings), export.export_id)
+            result = gate.run(
+                export.paths(settings),
+                export.export_id,
+                lake.prepare_staging(table, export.export_id),
+                quarantine.prepare_staging(table, export.export_id),
+            )
         except (GateError, PolicyError, FilterError, DeidError) as error:
             raise dg.Failure(description=f"{table}: {error}") from None
 
         counts = result.counts()
-        lake.stage(table, export.export_id, result.table)
-        quarantine.stage(table, export.export_id, result.quarantine)
         counts.save(lake.staging_dir(table, export.export_id))
         checks = list(
-            _check_results(key, contract, result.table, result.quarantine, settings, export, counts)
+            _check_results(
+                key, contract, result.output, result.quarantine_output, settings, export, counts
+            )
         )
         yield from checks
         blocking_failed = [
@@ -205,7 +209,7 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
                     str(quarantine.published_dir(table, export.export_id))
                 ),
                 "published": True,
-                "dagster/column_schema": _column_schema(result.table.schema),
+                "dagster/column_schema": _column_schema(pq.read_schema(published)),
             },
         )
 
@@ -226,26 +230,26 @@ def _counts_metadata(counts: GateCounts) -> dict[str, Any]:
 def _check_results(
     key: dg.AssetKey,
     contract: TableContract,
-    data: pa.Table,
-    quarantined: pa.Table,
+    data: Path,
+    quarantined: Path,
     settings: StarvitSettings,
     export: StagedExport,
     counts: GateCounts,
 ) -> Iterator[dg.AssetCheckResult]:
-    failures = validate(contract, data)
+    failures = validate_file(contract, data)
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=CONTRACT_CHECK,
         passed=not failures,
         metadata={
             "failures": dg.MetadataValue.json(failures),
-            "rows": data.num_rows,
+            "rows": counts.rows_published,
             "rows_quarantined": counts.rows_quarantined,
         },
     )
     leak_hashes = _leak_hashes(settings)
-    hits = leak_hashes.find_leaks(data)
-    quarantine_hits = leak_hashes.find_leaks(quarantined)
+    hits = leak_hashes.find_leaks_in_parquet(data)
+    quarantine_hits = leak_hashes.find_leaks_in_parquet(quarantined)
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=LEAK_CHECK,
@@ -274,7 +278,11 @@ def _check_results(
         },
     )
     if key.path[-1] == PATIENT_TABLE:
-        report = k_anonymity(data, PATIENT_QUASI_IDENTIFIERS, settings.k_anonymity_threshold)
+        report = k_anonymity(
+            pq.read_table(data, columns=list(PATIENT_QUASI_IDENTIFIERS)),
+            PATIENT_QUASI_IDENTIFIERS,
+            settings.k_anonymity_threshold,
+        )
         yield dg.AssetCheckResult(
             asset_key=key,
             check_name=K_ANONYMITY_CHECK,

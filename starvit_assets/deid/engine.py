@@ -7,10 +7,11 @@ pass over its distinct values plus an Arrow ``take``.
 from __future__ import annotations
 
 import datetime as dt
-import hmac
+import functools
+import hashlib
 import re
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,20 +62,39 @@ class DeidBackend(Protocol):
     def deidentify(self, table_name: str, rows: pa.Table) -> pa.Table: ...
 
 
+@functools.lru_cache(maxsize=8)
+def _hmac_sha256_pads(key: bytes) -> tuple[Any, Any]:
+    # RFC 2104 with the padded key hashed once: every value then costs only its own blocks,
+    # a third less than hmac.digest, which hashes the key pads again for each value.
+    block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+    inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in block))
+    outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in block))
+    return inner, outer
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256, byte for byte ``hmac.digest(key, message, "sha256")``."""
+    inner_pad, outer_pad = _hmac_sha256_pads(key)
+    inner = inner_pad.copy()
+    inner.update(message)
+    outer = outer_pad.copy()
+    outer.update(inner.digest())
+    return outer.digest()
+
+
 def content_hash(key: bytes, line: bytes) -> str:
     """Keyed hash of a source line: detects change without letting anyone confirm content."""
-    # hmac.digest is the one-shot C path: several times faster than hmac.new per value.
-    return hmac.digest(key, b"content/" + line, "sha256").hex()
+    return hmac_sha256(key, b"content/" + line).hex()
 
 
 def pseudonym(key: bytes, resource_type: str, resource_id: str) -> str:
-    digest = hmac.digest(key, f"{resource_type}/{resource_id}".encode(), "sha256")
+    digest = hmac_sha256(key, f"{resource_type}/{resource_id}".encode())
     return digest.hex()[:TOKEN_HEX_CHARS]
 
 
 def date_shift_days(key: bytes, patient_id: str, max_days: int) -> int:
     """A per-patient offset in [-max_days, -1] or [1, max_days]; never zero."""
-    digest = hmac.digest(key, f"date-shift/Patient/{patient_id}".encode(), "sha256")
+    digest = hmac_sha256(key, f"date-shift/Patient/{patient_id}".encode())
     bucket = int.from_bytes(digest[:8], "big") % (2 * max_days)
     return bucket - max_days if bucket < max_days else bucket - max_days + 1
 

@@ -94,6 +94,21 @@ class LeakHashSet:
         digests = {data[i : i + DIGEST_BYTES] for i in range(0, len(data), DIGEST_BYTES)}
         return cls(key, digests)
 
+    def find_leaks_in_parquet(self, path: Path, batch_rows: int = 50_000) -> list[LeakHit]:
+        """``find_leaks`` over a Parquet file one batch at a time; rows count from the file's
+        first row."""
+        import pyarrow.parquet as pq
+
+        hits: list[LeakHit] = []
+        offset = 0
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_rows):
+            batch = pa.Table.from_batches([record_batch])
+            hits.extend(
+                LeakHit(column=hit.column, row=hit.row + offset) for hit in self.find_leaks(batch)
+            )
+            offset += batch.num_rows
+        return hits
+
     def find_leaks(self, table: pa.Table) -> list[LeakHit]:
         hits: list[LeakHit] = []
         for field in table.schema:

@@ -7,6 +7,7 @@ cannot say. Failures are reported by column and check only, never by cell value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandera.pandas as pa_schema
 import pyarrow as pa
@@ -81,7 +82,9 @@ def _dtype(arrow_type: pa.DataType) -> str:
     return "string"
 
 
-def pandera_schema(contract: TableContract, arrow_schema: pa.Schema) -> pa_schema.DataFrameSchema:
+def pandera_schema(
+    contract: TableContract, arrow_schema: pa.Schema, *, unique_key: bool = True
+) -> pa_schema.DataFrameSchema:
     columns: dict[str, pa_schema.Column] = {}
     for arrow_field in arrow_schema:
         name = arrow_field.name
@@ -97,21 +100,45 @@ def pandera_schema(contract: TableContract, arrow_schema: pa.Schema) -> pa_schem
             nullable=not (
                 name == contract.key or name in contract.required or name in LINEAGE_COLUMNS
             ),
-            unique=name == contract.key,
+            unique=unique_key and name == contract.key,
         )
     return pa_schema.DataFrameSchema(columns, strict=True, coerce=False)
 
 
 def validate(contract: TableContract, table: pa.Table) -> list[str]:
     """Contract failures as 'column: check (n rows)' strings; empty when the table conforms."""
+    return [f"{name} ({count} rows)" for name, count in _failure_counts(contract, table).items()]
+
+
+def validate_file(contract: TableContract, path: Path, batch_rows: int = 50_000) -> list[str]:
+    """``validate`` over a Parquet file batch by batch: memory stays bounded by one batch (and
+    the key column, read alone for uniqueness across the whole file)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    counts = _failure_counts(contract, parquet.schema_arrow.empty_table(), unique_key=False)
+    for record_batch in parquet.iter_batches(batch_rows):
+        batch = pa.Table.from_batches([record_batch])
+        for name, count in _failure_counts(contract, batch, unique_key=False).items():
+            counts[name] = counts.get(name, 0) + count
+    keys = pq.read_table(path, columns=[contract.key]).column(contract.key).combine_chunks()
+    repeated = int(pc.sum(later_duplicates(keys)).as_py() or 0)
+    if repeated:
+        counts[f"{contract.key}: field_uniqueness"] = repeated
+    return [f"{name} ({count} rows)" for name, count in sorted(counts.items())]
+
+
+def _failure_counts(
+    contract: TableContract, table: pa.Table, *, unique_key: bool = True
+) -> dict[str, int]:
     frame = table.to_pandas(types_mapper=_pandas_type)
     try:
-        pandera_schema(contract, table.schema).validate(frame, lazy=True)
+        pandera_schema(contract, table.schema, unique_key=unique_key).validate(frame, lazy=True)
     except pa_schema.errors.SchemaErrors as errors:
-        cases = errors.failure_cases
-        grouped = cases.groupby(["column", "check"], dropna=False).size()
-        return [f"{column}: {check} ({count} rows)" for (column, check), count in grouped.items()]
-    return []
+        grouped = errors.failure_cases.groupby(["column", "check"], dropna=False).size()
+        return {f"{column}: {check}": int(count) for (column, check), count in grouped.items()}
+    return {}
 
 
 def _pandas_type(arrow_type: pa.DataType) -> object:
@@ -126,10 +153,14 @@ def _pandas_type(arrow_type: pa.DataType) -> object:
     return None
 
 
-def row_violations(contract: TableContract, table: pa.Table) -> pa.Array:
+def row_violations(
+    contract: TableContract, table: pa.Table, duplicates: pa.Array | None = None
+) -> pa.Array:
     """Per row, the first contract rule it breaks (null where it conforms).
 
-    The reasons name a column and a rule, never a value, so they may cross into the quarantine.
+    ``duplicates`` marks rows whose key an earlier row has, when the caller sees the table in
+    batches; without it, duplicates are found within ``table``. The reasons name a column and a
+    rule, never a value, so they may cross into the quarantine.
     """
     import pyarrow.compute as pc
 
@@ -151,18 +182,21 @@ def row_violations(contract: TableContract, table: pa.Table) -> pa.Array:
     for name, (low, high) in contract.ranges.items():
         values = table.column(name)
         mark(pc.or_(pc.less(values, low), pc.greater(values, high)), f"{name}: out of range")
-    # Later rows repeating an earlier key break uniqueness; the first one stays publishable.
-    keys = table.column(contract.key).combine_chunks()
-    if keys.null_count < len(keys):
-        positions = pa.array(range(len(keys)), pa.int64())
-        first = (
-            pa.table({"key": keys, "row": positions})
-            .group_by("key")
-            .aggregate([("row", "min")])
-            .column("row_min")
-        )
-        mark(
-            pc.and_(pc.is_valid(keys), pc.invert(pc.is_in(positions, first))),
-            f"{contract.key}: duplicate key",
-        )
+    if duplicates is None:
+        duplicates = later_duplicates(table.column(contract.key).combine_chunks())
+    mark(duplicates, f"{contract.key}: duplicate key")
     return reason
+
+
+def later_duplicates(keys: pa.Array) -> pa.Array:
+    """True for every row whose key an earlier row already has (the first one may publish)."""
+    import pyarrow.compute as pc
+
+    positions = pa.array(range(len(keys)), pa.int64())
+    first = (
+        pa.table({"key": keys, "row": positions})
+        .group_by("key", use_threads=False)
+        .aggregate([("row", "min")])
+        .column("row_min")
+    )
+    return pc.and_(pc.is_valid(keys), pc.invert(pc.is_in(positions, value_set=first)))

@@ -25,15 +25,22 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from starvit_assets.deid.engine import FHIR_TEMPORAL_PATTERN, DeidBackend, content_hash
 from starvit_assets.deid.policy import Policy
-from starvit_assets.lake.contracts import CONTRACTS, TableContract, row_violations
+from starvit_assets.lake.contracts import (
+    CONTRACTS,
+    TableContract,
+    later_duplicates,
+    row_violations,
+)
 from starvit_assets.lake.filters import FilterConfig, RecordFilter, load_filters, record_filter
 from starvit_assets.views.runner import CompiledView, ViewDefinitionError, compile_view
 from starvit_assets.views.vectorized import compile_vectorized
 
 BATCH_LINES = 20_000
+COMPRESSION = "zstd"
 _READ_BLOCK = 8 << 20
 QUARANTINE_REASON = "_quarantine_reason"
 _TEMPORAL_METHODS = ("date_shift", "generalise")
@@ -86,32 +93,30 @@ class GateCounts:
 
 @dataclass(frozen=True)
 class GateResult:
-    table: pa.Table
-    quarantine: pa.Table
+    output: Path
+    quarantine_output: Path
+    rows: int
+    rows_quarantined: int
     resources_read: int
     resources_with_rows: int
     resources_without_rows: int
     lines_quarantined: int
     rows_flattened: int
     held_back: dict[str, int]
+    quarantine_reasons: dict[str, int]
     flattened_by: str
 
     @property
-    def rows(self) -> int:
-        return self.table.num_rows
+    def table(self) -> pa.Table:
+        return pq.read_table(self.output)
+
+    @property
+    def quarantine(self) -> pa.Table:
+        return pq.read_table(self.quarantine_output)
 
     @property
     def rows_held_back(self) -> int:
         return sum(self.held_back.values())
-
-    @property
-    def quarantine_reasons(self) -> dict[str, int]:
-        reasons = self.quarantine.column(QUARANTINE_REASON).to_pylist()
-        return dict(sorted(Counter(str(reason) for reason in reasons).items()))
-
-    @property
-    def rows_quarantined(self) -> int:
-        return self.quarantine.num_rows - self.lines_quarantined
 
     def reconciles(self) -> bool:
         """Every line and every flattened row is accounted for exactly once."""
@@ -179,80 +184,124 @@ class Gate:
             or (rule.method == "generalise" and rule.kind == "birth_year")
         ]
 
-    def run(self, files: Sequence[Path], export_id: str) -> GateResult:
+    def run(
+        self, files: Sequence[Path], export_id: str, output: Path, quarantine_output: Path
+    ) -> GateResult:
+        """Write the publishable rows to ``output`` and the quarantine to ``quarantine_output``.
+
+        Two passes keep memory bounded by one batch plus the key column: the first flattens,
+        filters and de-identifies batch by batch into a scratch file; the second, knowing every
+        key, applies the row-level contract and splits the rows between the two outputs.
+        """
         self.policy.table(self.table_name).check_covers(self.compiled.column_names, self.table_name)
         self.record_filter.check_columns(self.compiled.column_names)
         vectorized = compile_vectorized(self.view)
-        published: list[pa.Table] = []
-        quarantined: list[pa.Table] = []
+        deidentified_schema = self.backend.deidentify(
+            self.table_name, self.compiled.arrow_schema().empty_table()
+        ).schema
+        scratch_schema = pa.schema(
+            [*deidentified_schema, *lineage_schema(), pa.field(QUARANTINE_REASON, pa.string())]
+        )
+        scratch = output.with_name(output.name + ".scratch")
         held_back: Counter[str] = Counter()
+        quarantine_reasons: Counter[str] = Counter()
+        keys: list[pa.Array] = []
         resources_read = resources_with_rows = resources_without_rows = 0
-        lines_quarantined = rows_flattened = 0
-        for lines in _read_lines(files):
-            resources_read += len(lines)
-            flat = self._flatten(lines, vectorized)
-            rows_flattened += flat.table.num_rows
-            with_rows = set(pc.unique(flat.resource_index).to_pylist())
-            resources_with_rows += len(with_rows)
-            resources_without_rows += sum(
-                1
-                for index, problem in enumerate(flat.line_problems)
-                if problem is None and index not in with_rows
-            )
-            lineage = self._lineage(lines, export_id)
-            outcome = self.record_filter.apply(flat.table)
-            held_back.update(outcome.held_back)
-            keep = outcome.passed
-            rows = flat.table.filter(keep)
-            rows, reasons = self._null_malformed_dates(rows)
-            deidentified = self.backend.deidentify(self.table_name, rows)
-            row_lineage = lineage.take(pc.filter(flat.resource_index, keep))
-            for lineage_field in row_lineage.schema:
-                deidentified = deidentified.append_column(
-                    lineage_field, row_lineage[lineage_field.name]
-                )
-            published.append(deidentified.append_column(QUARANTINE_REASON, reasons))
-            problem_lines = [i for i, problem in enumerate(flat.line_problems) if problem]
-            lines_quarantined += len(problem_lines)
-            if problem_lines:
-                quarantined.append(
-                    lineage.take(pa.array(problem_lines, pa.int64())).append_column(
-                        QUARANTINE_REASON,
-                        pa.array([flat.line_problems[i] for i in problem_lines], pa.string()),
+        lines_quarantined = rows_flattened = rows_published = rows_quarantined = 0
+        try:
+            with (
+                pq.ParquetWriter(scratch, scratch_schema) as scratch_writer,
+                pq.ParquetWriter(
+                    quarantine_output, scratch_schema, compression=COMPRESSION
+                ) as quarantine_writer,
+            ):
+                for lines in _read_lines(files):
+                    resources_read += len(lines)
+                    flat = self._flatten(lines, vectorized)
+                    rows_flattened += flat.table.num_rows
+                    with_rows = set(pc.unique(flat.resource_index).to_pylist())
+                    resources_with_rows += len(with_rows)
+                    resources_without_rows += sum(
+                        1
+                        for index, problem in enumerate(flat.line_problems)
+                        if problem is None and index not in with_rows
                     )
+                    lineage = self._lineage(lines, export_id)
+                    outcome = self.record_filter.apply(flat.table)
+                    held_back.update(outcome.held_back)
+                    rows, reasons = self._null_malformed_dates(flat.table.filter(outcome.passed))
+                    deidentified = self.backend.deidentify(self.table_name, rows)
+                    row_lineage = lineage.take(pc.filter(flat.resource_index, outcome.passed))
+                    batch = pa.Table.from_arrays(
+                        [*deidentified.columns, *row_lineage.columns, reasons],
+                        schema=scratch_schema,
+                    )
+                    scratch_writer.write_table(batch)
+                    keys.append(deidentified.column(self.contract.key).combine_chunks())
+                    problem_lines = [i for i, problem in enumerate(flat.line_problems) if problem]
+                    if problem_lines:
+                        lines_quarantined += len(problem_lines)
+                        line_reasons = [str(flat.line_problems[i]) for i in problem_lines]
+                        quarantine_reasons.update(line_reasons)
+                        quarantine_writer.write_table(
+                            _lineage_only(
+                                lineage.take(pa.array(problem_lines, pa.int64())),
+                                pa.array(line_reasons, pa.string()),
+                                scratch_schema,
+                            )
+                        )
+                scratch_writer.close()  # the second pass reads what the first wrote
+                duplicates = later_duplicates(
+                    pa.concat_arrays([key.cast(pa.string()) for key in keys])
+                    if keys
+                    else pa.array([], pa.string())
                 )
-        if published:
-            everything = pa.concat_tables(published)
-        else:
-            empty = self.backend.deidentify(
-                self.table_name, self.compiled.arrow_schema().empty_table()
-            )
-            everything = pa.table(
-                {
-                    **{name: empty[name] for name in empty.column_names},
-                    **{f.name: pa.array([], f.type) for f in lineage_schema()},
-                    QUARANTINE_REASON: pa.array([], pa.string()),
-                }
-            )
-        contract_reasons = row_violations(self.contract, everything)
-        reason = pc.coalesce(everything.column(QUARANTINE_REASON), contract_reasons)
-        everything = everything.set_column(
-            everything.schema.get_field_index(QUARANTINE_REASON), QUARANTINE_REASON, reason
-        )
-        bad = pc.is_valid(reason)
-        table = everything.filter(pc.invert(bad)).drop_columns([QUARANTINE_REASON])
-        quarantine = pa.concat_tables(
-            [everything.filter(bad), *quarantined], promote_options="default"
-        )
+                del keys
+                with pq.ParquetWriter(
+                    output, _output_schema(scratch_schema), compression=COMPRESSION
+                ) as output_writer:
+                    offset = 0
+                    for record_batch in pq.ParquetFile(scratch).iter_batches(BATCH_LINES):
+                        batch = pa.Table.from_batches([record_batch], schema=scratch_schema)
+                        reason = pc.coalesce(
+                            batch.column(QUARANTINE_REASON),
+                            row_violations(
+                                self.contract,
+                                batch,
+                                duplicates=duplicates.slice(offset, batch.num_rows),
+                            ),
+                        )
+                        offset += batch.num_rows
+                        bad = pc.is_valid(reason)
+                        batch = batch.set_column(
+                            batch.schema.get_field_index(QUARANTINE_REASON),
+                            scratch_schema.field(QUARANTINE_REASON),
+                            reason,
+                        )
+                        good = batch.filter(pc.invert(bad)).drop_columns([QUARANTINE_REASON])
+                        quarantined = batch.filter(bad)
+                        output_writer.write_table(good)
+                        quarantine_writer.write_table(quarantined)
+                        rows_published += good.num_rows
+                        rows_quarantined += quarantined.num_rows
+                        quarantine_reasons.update(
+                            str(value)
+                            for value in quarantined.column(QUARANTINE_REASON).to_pylist()
+                        )
+        finally:
+            scratch.unlink(missing_ok=True)
         return GateResult(
-            table=table,
-            quarantine=quarantine,
+            output=output,
+            quarantine_output=quarantine_output,
+            rows=rows_published,
+            rows_quarantined=rows_quarantined,
             resources_read=resources_read,
             resources_with_rows=resources_with_rows,
             resources_without_rows=resources_without_rows,
             lines_quarantined=lines_quarantined,
             rows_flattened=rows_flattened,
             held_back=dict(sorted(held_back.items())),
+            quarantine_reasons=dict(sorted(quarantine_reasons.items())),
             flattened_by="vectorized" if vectorized is not None else "general",
         )
 
@@ -354,6 +403,24 @@ class Gate:
         return rows, reason
 
 
+def _output_schema(scratch_schema: pa.Schema) -> pa.Schema:
+    return scratch_schema.remove(scratch_schema.get_field_index(QUARANTINE_REASON))
+
+
+def _lineage_only(lineage: pa.Table, reasons: pa.Array, schema: pa.Schema) -> pa.Table:
+    """Quarantine rows for lines that never became a row: lineage and reason, nothing else."""
+    columns = {name: lineage.column(name) for name in lineage.column_names}
+    arrays = [
+        columns[field.name]
+        if field.name in columns
+        else reasons
+        if field.name == QUARANTINE_REASON
+        else pa.nulls(len(reasons), field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def _impossible_dates(values: pa.ChunkedArray) -> pa.Array:
     """Full dates that match the pattern but name no calendar day (2023-02-30)."""
     days = pc.utf8_slice_codeunits(values, 0, 10)
@@ -370,34 +437,38 @@ def _indices(problems: list[str | None]) -> pa.Array:
 
 
 def _read_lines(files: Sequence[Path]) -> Iterator[_Lines]:
-    """Non-empty lines in batches, read in blocks: memory stays bounded by the batch size."""
+    """Non-empty lines in batches of ``BATCH_LINES``, with their file and line number."""
     batch = _Lines()
     for path in files:
         number = 0
-        for line in _lines_of(path):
-            number += 1
-            stripped = line.rstrip(b"\r")
-            if not stripped.strip():
-                continue
-            batch.data.append(stripped)
-            batch.files.append(path.name)
-            batch.numbers.append(number)
-            if len(batch) >= BATCH_LINES:
-                yield batch
-                batch = _Lines()
+        for block in _line_blocks(path):
+            numbers = range(number + 1, number + 1 + len(block))
+            number += len(block)
+            stripped = [line.rstrip(b"\r") for line in block]
+            kept = [(n, line) for n, line in zip(numbers, stripped, strict=True) if line.strip()]
+            while kept:
+                room = BATCH_LINES - len(batch)
+                taken, kept = kept[:room], kept[room:]
+                batch.data.extend(line for _, line in taken)
+                batch.numbers.extend(n for n, _ in taken)
+                batch.files.extend([path.name] * len(taken))
+                if len(batch) >= BATCH_LINES:
+                    yield batch
+                    batch = _Lines()
     if batch:
         yield batch
 
 
-def _lines_of(path: Path) -> Iterator[bytes]:
+def _line_blocks(path: Path) -> Iterator[list[bytes]]:
+    """The file's lines, a block at a time (the last line may lack its newline)."""
     remainder = b""
     with path.open("rb") as handle:
         while block := handle.read(_READ_BLOCK):
             lines = (remainder + block).split(b"\n")
             remainder = lines.pop()
-            yield from lines
+            yield lines
     if remainder:
-        yield remainder
+        yield [remainder]
 
 
 def build_gate(

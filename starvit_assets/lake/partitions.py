@@ -39,12 +39,16 @@ class RawLake:
     def is_published(self, table: str, export_id: str) -> bool:
         return (self.published_dir(table, export_id) / PART_FILE).is_file()
 
-    def stage(self, table: str, export_id: str, data: pa.Table) -> Path:
+    def prepare_staging(self, table: str, export_id: str) -> Path:
+        """An empty staging folder for the partition; returns where its part file goes."""
         staging = self.staging_dir(table, export_id)
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        path = staging / PART_FILE
+        return staging / PART_FILE
+
+    def stage(self, table: str, export_id: str, data: pa.Table) -> Path:
+        path = self.prepare_staging(table, export_id)
         pq.write_table(data, path, compression="zstd")
         return path
 

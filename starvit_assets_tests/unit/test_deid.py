@@ -279,3 +279,14 @@ def test_column_date_shift_refuses_what_is_not_a_fhir_date(value: str) -> None:
 
     with pytest.raises(ValueError):
         shift_fhir_temporal_array(pa.array([value]), pa.array([3], pa.int32()))
+
+
+@pytest.mark.parametrize("key", [b"", b"k", b"k" * 32, b"k" * 64, b"k" * 65, bytes(range(200))])
+def test_hmac_sha256_is_the_standard_hmac(key: bytes) -> None:
+    import hashlib
+    import hmac
+
+    from starvit_assets.deid.engine import hmac_sha256
+
+    for message in (b"", b"Patient/123", b"x" * 1000):
+        assert hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).digest()

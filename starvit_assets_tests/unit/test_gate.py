@@ -48,7 +48,7 @@ def run(tmp_path: Path, lines: list[bytes], table: str = "observation") -> GateR
         key=KEY,
         export_date=EXPORT_DATE,
     )
-    return gate.run([source], "export-1")
+    return gate.run([source], "export-1", tmp_path / "out.parquet", tmp_path / "quarantine.parquet")
 
 
 def encode(resource: dict[str, Any]) -> bytes:
@@ -165,3 +165,46 @@ def test_k_anonymity_counts_small_classes() -> None:
     assert report.records_below_k == 2
     assert not report.satisfied
     assert k_anonymity(rows.slice(0, 3), ("birth_year", "gender", "postal_code_3"), 3).satisfied
+
+
+def test_batches_split_the_input_without_changing_the_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import starvit_assets.lake.gate as gate_module
+
+    lines = [encode(observation(f"o{i % 7}")) for i in range(20)] + [b"not json"]
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "batched").mkdir()
+    whole = run(tmp_path / "whole", lines)
+    monkeypatch.setattr(gate_module, "BATCH_LINES", 3)
+    batched = run(tmp_path / "batched", lines)
+    assert batched.counts() == whole.counts()
+    assert batched.table.equals(whole.table)
+    assert batched.quarantine_reasons == {
+        "line: not valid JSON": 1,
+        "observation_id: duplicate key": 13,
+    }
+    assert batched.reconciles()
+
+
+def test_source_lines_count_blank_lines_and_crlf(tmp_path: Path) -> None:
+    source = tmp_path / "Observation.ndjson"
+    source.write_bytes(
+        encode(observation("a"))
+        + b"\r\n\r\n"
+        + encode(observation("b"))
+        + b"\n\n\n"
+        + encode(observation("c"))
+    )
+    policy = load_policy()
+    gate = build_gate(
+        table_name="observation",
+        view=shipped_views()["observation"],
+        backend=LocalDeidEngine(KEY, policy, reference_date=EXPORT_DATE),
+        policy=policy,
+        key=KEY,
+        export_date=EXPORT_DATE,
+    )
+    result = gate.run([source], "e", tmp_path / "out.parquet", tmp_path / "q.parquet")
+    assert result.resources_read == 3
+    assert result.table.column("_source_line").to_pylist() == [1, 3, 6]
