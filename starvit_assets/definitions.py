@@ -10,6 +10,7 @@ import warnings
 
 import dagster as dg
 
+from starvit_assets.defs.alerting import ALERTING_SENSORS, AUDIT_SENSORS, OPENLINEAGE_SENSORS
 from starvit_assets.defs.automation import daily_full_lineage, full_lineage_job, new_fhir_data
 from starvit_assets.defs.dbt import dbt_models, dbt_resource
 from starvit_assets.defs.deid_raw import DEID_ASSETS
@@ -77,7 +78,7 @@ def build_definitions() -> dg.Definitions:
         assets=[fhir_export, *DEID_ASSETS, *WAREHOUSE_RAW_ASSETS, dbt_models, tigergraph_load],
         jobs=[full_lineage_job],
         schedules=[daily_full_lineage],
-        sensors=[new_fhir_data],
+        sensors=[new_fhir_data, *ALERTING_SENSORS, *AUDIT_SENSORS, *OPENLINEAGE_SENSORS],
         resources={
             "platform": PlatformResource(),
             "dbt": dbt_resource(settings.warehouse_target.value),
