@@ -83,8 +83,17 @@ def hmac_sha256(key: bytes, message: bytes) -> bytes:
 
 
 def content_hash(key: bytes, line: bytes) -> str:
-    """Keyed hash of a source line: detects change without letting anyone confirm content."""
-    return hmac_sha256(key, b"content/" + line).hex()
+    """Keyed hash of a source line: detects change without letting anyone confirm content.
+
+    Keyed BLAKE2b (a MAC by construction) with a key derived for this purpose alone: it runs
+    once per input line, where it costs a fifth of an HMAC-SHA256.
+    """
+    return hashlib.blake2b(line, key=_content_key(key), digest_size=32).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _content_key(key: bytes) -> bytes:
+    return hmac_sha256(key, b"content-hash-key")
 
 
 def pseudonym(key: bytes, resource_type: str, resource_id: str) -> str:

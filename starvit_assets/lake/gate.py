@@ -210,7 +210,7 @@ class Gate:
         lines_quarantined = rows_flattened = rows_published = rows_quarantined = 0
         try:
             with (
-                pq.ParquetWriter(scratch, scratch_schema) as scratch_writer,
+                pq.ParquetWriter(scratch, scratch_schema, compression="none") as scratch_writer,
                 pq.ParquetWriter(
                     quarantine_output, scratch_schema, compression=COMPRESSION
                 ) as quarantine_writer,
