@@ -17,7 +17,9 @@ from starvit_assets.defs.deid_raw import DEID_ASSETS
 from starvit_assets.defs.extract import fhir_export
 from starvit_assets.defs.graph import tigergraph_load
 from starvit_assets.defs.resources import PlatformResource
+from starvit_assets.defs.retention import RETENTION_DEFS
 from starvit_assets.defs.warehouse import WAREHOUSE_RAW_ASSETS
+from starvit_assets.ops.logging import configure_logging_from_env
 from starvit_assets.settings import load_settings
 
 
@@ -76,8 +78,8 @@ def build_definitions() -> dg.Definitions:
     settings = load_settings()
     definitions = dg.Definitions(
         assets=[fhir_export, *DEID_ASSETS, *WAREHOUSE_RAW_ASSETS, dbt_models, tigergraph_load],
-        jobs=[full_lineage_job],
-        schedules=[daily_full_lineage],
+        jobs=[full_lineage_job, *RETENTION_DEFS.jobs],
+        schedules=[daily_full_lineage, *RETENTION_DEFS.schedules],
         sensors=[new_fhir_data, *ALERTING_SENSORS, *AUDIT_SENSORS, *OPENLINEAGE_SENSORS],
         resources={
             "platform": PlatformResource(),
@@ -90,4 +92,5 @@ def build_definitions() -> dg.Definitions:
         return definitions.map_asset_specs(func=apply_platform_policies)
 
 
+configure_logging_from_env()
 defs = build_definitions()
