@@ -333,27 +333,6 @@ def test_graph_vertices_reconcile_with_the_feature_table(lineage: Lineage) -> No
     assert count_csv_rows(lineage.home / "graph" / "load")["Patient"] == ALL_PATIENTS
 
 
-def test_rerunning_the_lineage_is_idempotent(lineage: Lineage) -> None:
-    """A second full run with the same source data leaves the same rows everywhere."""
-    import os
-
-    from starvit_assets.demo import materialize_all, warehouse_row_counts
-    from starvit_assets.fhir.server import BulkDataServer
-    from starvit_assets.settings import load_settings
-
-    settings = load_settings()
-    schemas = [settings.schema_name(layer) for layer in ("refined", "derived")]
-    before = warehouse_row_counts(lineage.warehouse_dsn, schemas)
-    with BulkDataServer(lineage.source) as server:
-        os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
-        try:
-            summary = materialize_all(load_settings())
-        finally:
-            del os.environ["STARVIT_FHIR_BASE_URL"]
-    assert summary.success and not summary.checks_failed
-    assert warehouse_row_counts(lineage.warehouse_dsn, schemas) == before
-
-
 def _latest(observations: list[dict], loinc: str) -> dict | None:
     from datetime import datetime
 
@@ -406,3 +385,88 @@ def test_bmi_of_a_patient_measured_in_inches_and_pounds_is_hand_computed(lineage
             assert Decimal(str(row[0])) == expected
             assert row[1] is True
             assert row[2]
+
+
+# The two tests below change the warehouse: they stay last in this file.
+def _rerun_lineage(lineage: Lineage) -> object:
+    import os
+
+    from starvit_assets.demo import materialize_all
+    from starvit_assets.fhir.server import BulkDataServer
+    from starvit_assets.settings import load_settings
+
+    with BulkDataServer(lineage.source) as server:
+        os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
+        try:
+            return materialize_all(load_settings())
+        finally:
+            del os.environ["STARVIT_FHIR_BASE_URL"]
+
+
+def _bmi_rows(dsn: str) -> dict[str, tuple[object, float]]:
+    from starvit_assets.settings import load_settings
+
+    derived = load_settings().schema_name("derived")
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute(
+            sql.SQL("select patient_id, computed_at, weight_kg from {}").format(
+                sql.Identifier(derived, "bmi_latest")
+            )
+        ).fetchall()
+    return {patient: (computed_at, weight) for patient, computed_at, weight in rows}
+
+
+def test_rerunning_the_lineage_is_idempotent(lineage: Lineage) -> None:
+    """A second full run with the same source data leaves the same rows everywhere, and the
+    incremental BMI recomputes nobody: a re-export of unchanged content is no change."""
+    from starvit_assets.demo import warehouse_row_counts
+    from starvit_assets.settings import load_settings
+
+    settings = load_settings()
+    schemas = [settings.schema_name(layer) for layer in ("refined", "derived")]
+    before = warehouse_row_counts(lineage.warehouse_dsn, schemas)
+    bmi_before = _bmi_rows(lineage.warehouse_dsn)
+    summary = _rerun_lineage(lineage)
+    assert summary.success and not summary.checks_failed  # type: ignore[attr-defined]
+    assert warehouse_row_counts(lineage.warehouse_dsn, schemas) == before
+    assert _bmi_rows(lineage.warehouse_dsn) == bmi_before
+
+
+def test_a_changed_weight_recomputes_only_that_patients_bmi(lineage: Lineage) -> None:
+    from starvit_assets.deid.engine import pseudonym
+
+    observations = _resources(lineage.source, "Observation")
+    weighed = next(
+        o
+        for o in observations
+        if o["code"]["coding"][0]["code"] == "29463-7"
+        and o["subject"]["reference"] != f"Patient/{CANARIES['patient_id']}"
+    )
+    patient_id = weighed["subject"]["reference"].removeprefix("Patient/")
+    newer = {
+        **weighed,
+        "id": "weight-change-0001",
+        "meta": {"versionId": "1", "lastUpdated": "2026-11-02T08:00:00Z"},
+        "effectiveDateTime": "2026-11-02T08:00:00+00:00",
+        "valueQuantity": {
+            "value": 99.0,
+            "unit": "kg",
+            "system": "http://unitsofmeasure.org",
+            "code": "kg",
+        },
+    }
+    newer.pop("note", None)
+    before = _bmi_rows(lineage.warehouse_dsn)
+    with (lineage.source / "Observation.ndjson").open("a") as handle:
+        handle.write(json.dumps(newer) + "\n")
+
+    summary = _rerun_lineage(lineage)
+
+    assert summary.success and not summary.checks_failed  # type: ignore[attr-defined]
+    after = _bmi_rows(lineage.warehouse_dsn)
+    token = pseudonym(lineage.key, "Patient", patient_id)
+    recomputed = {
+        patient for patient in after if after[patient][0] != before.get(patient, (None,))[0]
+    }
+    assert recomputed == {token}
+    assert after[token][1] == 99.0
