@@ -12,17 +12,20 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
 from starvit_assets import platform
 from starvit_assets.settings import DBT_PROJECT_DIR, StarvitSettings, load_settings
+
+if TYPE_CHECKING:
+    from dagster import AssetKey
 
 SOURCE_MARKER = ".starvit-synth.json"
 
@@ -55,10 +58,15 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
     return folder
 
 
-def materialize_all(settings: StarvitSettings, log_path: Path | None = None) -> RunSummary:
+def materialize_all(
+    settings: StarvitSettings,
+    log_path: Path | None = None,
+    asset_keys: Sequence[AssetKey] | None = None,
+) -> RunSummary:
     """Run the ``full_lineage`` job in process against the persistent instance.
 
-    With ``log_path``, the run's console output (Dagster's and dbt's) goes to that file.
+    With ``log_path``, the run's console output (Dagster's and dbt's) goes to that file; with
+    ``asset_keys``, only those assets (and their checks) run.
     """
     from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance
 
@@ -77,6 +85,7 @@ def materialize_all(settings: StarvitSettings, log_path: Path | None = None) -> 
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            asset_selection=list(asset_keys) if asset_keys else None,
         )
     summary = RunSummary(success=result.success, run_id=result.run_id)
     for event in result.all_events:

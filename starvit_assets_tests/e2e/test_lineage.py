@@ -470,3 +470,44 @@ def test_a_changed_weight_recomputes_only_that_patients_bmi(lineage: Lineage) ->
     }
     assert recomputed == {token}
     assert after[token][1] == 99.0
+
+
+def test_a_failed_blocking_dbt_test_stops_the_downstream_assets_and_fails_the_run(
+    lineage: Lineage,
+) -> None:
+    """A row that breaks refined.patient's accepted_values test (error severity, so a blocking
+    check): the run fails and nothing downstream of refined.patient is materialized."""
+    from starvit_assets.definitions import defs
+    from starvit_assets.demo import materialize_all
+    from starvit_assets.settings import load_settings
+
+    raw = sql.Identifier(load_settings().raw_schema, "patient")
+    insert = sql.SQL(
+        "insert into {} (patient_id, gender, _export_id, _source_file, _source_line, "
+        "_content_hash, _policy_version) values ('broken-gender', 'bogus', 'broken', 'x', 1, "
+        "'broken', 'x')"
+    ).format(raw)
+    with psycopg.connect(lineage.warehouse_dsn) as connection:
+        connection.execute(insert)
+    downstream_of_raw = [
+        key
+        for key in defs.resolve_all_asset_keys()
+        if key.path[0] in {"staging", "refined", "derived", "graph"}
+    ]
+    try:
+        summary = materialize_all(load_settings(), asset_keys=downstream_of_raw)
+    finally:
+        with psycopg.connect(lineage.warehouse_dsn) as connection:
+            connection.execute(sql.SQL("delete from {} where _export_id = 'broken'").format(raw))
+
+    assert not summary.success  # type: ignore[attr-defined]
+    failed = summary.checks_failed  # type: ignore[attr-defined]
+    assert any(name.startswith("refined/patient:accepted_values") for name in failed), failed
+    materialized = set(summary.materialized)  # type: ignore[attr-defined]
+    assert "refined/patient" in materialized  # the checked asset itself is recorded...
+    for blocked in (
+        "derived/patient_features",
+        "derived/patient_age_bracket",
+        "graph/tigergraph_load",
+    ):
+        assert blocked not in materialized  # ...but nothing downstream of it runs
