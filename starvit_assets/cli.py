@@ -57,18 +57,38 @@ def cmd_fhir_serve(args: argparse.Namespace) -> int:
 
 def cmd_fhir_export(args: argparse.Namespace) -> int:
     from starvit_assets.fhir.auth import load_auth_from_env
-    from starvit_assets.fhir.client import BulkDataClient
+    from starvit_assets.fhir.client import BulkDataClient, ExportRequest
 
-    types = [t.strip() for t in args.type.split(",") if t.strip()] if args.type else None
+    try:
+        request = ExportRequest(
+            level=args.level,
+            group_id=args.group,
+            types=_comma_list(args.type),
+            since=args.since,
+            type_filters=tuple(args.type_filter),
+            elements=_comma_list(args.elements),
+            patients=tuple(args.patient),
+            method="POST" if args.post or args.patient else "GET",
+            lenient=args.lenient,
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if args.incremental and not args.state_dir:
+        raise CliError("--incremental needs --state-dir, where the watermarks are kept")
     auth = load_auth_from_env(fhir_base_url=args.base_url)
-    with BulkDataClient(args.base_url, auth=auth) as client:
-        result = client.export(Path(args.out), types=types, since=args.since)
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else None
+    with BulkDataClient(args.base_url, auth=auth, state_dir=state_dir) as client:
+        result = client.export(Path(args.out), request=request, incremental=args.incremental)
     for resource_type, count in sorted(result.counts.items()):
         print(f"{resource_type:<20} {count:>10}")
     print(
         f"transactionTime {result.transaction_time}; manifest at {Path(args.out) / 'manifest.json'}"
     )
     return 0
+
+
+def _comma_list(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
 def _existing_ndjson_folder(folder: str) -> Path:
@@ -220,6 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--type", help="comma-separated resource types")
     export.add_argument("--since", help="FHIR instant: only resources updated after it")
+    export.add_argument(
+        "--level", choices=("system", "patient", "group"), default="system", help="kick-off level"
+    )
+    export.add_argument("--group", help="Group id, for --level group")
+    export.add_argument("--post", action="store_true", help="kick off by POST with Parameters")
+    export.add_argument(
+        "--type-filter",
+        action="append",
+        default=[],
+        help="_typeFilter, e.g. 'Observation?status=final'",
+    )
+    export.add_argument("--elements", help="comma-separated _elements")
+    export.add_argument(
+        "--patient", action="append", default=[], help="Patient id to export (POST only)"
+    )
+    export.add_argument("--lenient", action="store_true", help="send Prefer: handling=lenient")
+    export.add_argument(
+        "--incremental",
+        action="store_true",
+        help="take _since from the stored watermark of this server (needs --state-dir)",
+    )
+    export.add_argument(
+        "--state-dir", help="folder for resumable export state and incremental watermarks"
+    )
     export.set_defaults(handler=cmd_fhir_export)
 
     views = zones.add_parser("views", help="SQL on FHIR v2 ViewDefinitions")

@@ -510,3 +510,57 @@ def test_cli_export_uses_env_configuration(
     out = capsys.readouterr().out
     assert re.search(rf"^Observation\s+{source[1]['Observation']}$", out, re.MULTILINE)
     assert (tmp_path / "state" / "watermarks.json").is_file()
+
+
+def test_cli_exports_one_patients_compartment_by_post(
+    source: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    patient_id = _resources(source[0] / "Patient.ndjson")[0]["id"]
+    with BulkDataServer(source[0], retry_after_seconds=0) as server:
+        code = main(
+            [
+                "fhir",
+                "export",
+                "--base-url",
+                server.base_url,
+                "--out",
+                str(tmp_path / "o"),
+                "--level",
+                "patient",
+                "--patient",
+                patient_id,
+                "--type",
+                "Patient,Observation",
+                "--state-dir",
+                str(tmp_path / "state"),
+            ]
+        )
+        kick_offs = [r for r in server.requests if r.path.endswith("$export")]
+    assert code == 0
+    assert [r.method for r in kick_offs] == ["POST"]
+    patients = _resources(tmp_path / "o" / "Patient.ndjson")
+    assert [p["id"] for p in patients] == [patient_id]
+    observations = _resources(tmp_path / "o" / "Observation.ndjson")
+    assert observations
+    assert {o["subject"]["reference"] for o in observations} == {f"Patient/{patient_id}"}
+    assert "Observation" in capsys.readouterr().out
+
+
+def test_cli_refuses_contradictory_export_options(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(
+        [
+            "fhir",
+            "export",
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--out",
+            str(tmp_path),
+            "--incremental",
+        ]
+    )
+    assert code == 2
+    assert "--incremental needs --state-dir" in capsys.readouterr().err
