@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from starvit_assets.fhir.auth import load_auth_from_env
 from starvit_assets.fhir.client import BulkDataClient
 from starvit_assets.fhir.errors import ExportError
 from starvit_assets.settings import load_settings
@@ -68,9 +69,15 @@ def _changed_on_server(
     if context.cursor is None:
         return dg.SensorResult(run_requests=[dg.RunRequest(run_key=now)], cursor=now)
     try:
-        changed = BulkDataClient(base_url).count_changed_since(types, context.cursor)
+        auth = load_auth_from_env(fhir_base_url=base_url)
+        with BulkDataClient(base_url, auth=auth) as client:
+            changed = client.count_changed_since(types, context.cursor)
     except ExportError as error:
         return dg.SkipReason(f"could not ask the FHIR server for changes: {error}")
     if changed == 0:
         return dg.SkipReason(f"no resources updated since {context.cursor}")
-    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=now)], cursor=now)
+    # Only what changed since the last export's watermark; the daily schedule exports in full.
+    incremental = {"ops": {"fhir_export": {"config": {"incremental": True}}}}
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=now, run_config=incremental)], cursor=now
+    )

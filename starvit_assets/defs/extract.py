@@ -56,6 +56,13 @@ def fhir_base_url(settings: StarvitSettings) -> Iterator[str]:
         yield server.base_url
 
 
+class FhirExportConfig(dg.Config):
+    """Run configuration of an export: a full export (the default) or an incremental one."""
+
+    incremental: bool = False
+    """Only resources changed since the last export's transactionTime (the stored watermark)."""
+
+
 def _count_lines(path: Path) -> int:
     with path.open("rb") as handle:
         return sum(1 for line in handle if line.strip())
@@ -87,9 +94,12 @@ def _count_lines(path: Path) -> int:
         for resource_type in RESOURCE_TYPES
     ],
     can_subset=True,
+    # Network faults the client could not ride out end the attempt; a later attempt resumes the
+    # same export from its saved state instead of starting again.
+    retry_policy=dg.RetryPolicy(max_retries=3, delay=60, backoff=dg.Backoff.EXPONENTIAL),
 )
 def fhir_export(
-    context: dg.AssetExecutionContext, platform: PlatformResource
+    context: dg.AssetExecutionContext, config: FhirExportConfig, platform: PlatformResource
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     settings = platform.settings
     selected = [t for t in RESOURCE_TYPES if fhir_asset_key(t) in context.selected_asset_keys]
@@ -105,7 +115,7 @@ def fhir_export(
             if incoming.exists() and not client.has_saved_export(request):
                 shutil.rmtree(incoming)
             try:
-                result = client.export(incoming, request=request)
+                result = client.export(incoming, request=request, incremental=config.incremental)
             except ExportError as error:
                 raise dg.Failure(description=f"FHIR export: {error}") from None
     duration = time.monotonic() - started
@@ -143,6 +153,8 @@ def fhir_export(
                 "export_error_issue_codes": dg.MetadataValue.json(dict(result.error_issue_counts)),
                 "deleted_in_export": dg.MetadataValue.int(result.deleted_count),
                 "resumed": result.resumed,
+                "incremental": config.incremental,
+                "since": result.since or "",
                 "duration_seconds": dg.MetadataValue.float(round(duration, 3)),
             },
         )
