@@ -75,6 +75,12 @@ class StarvitSettings(BaseSettings):
         default=None, description="File holding the hex-encoded HMAC key"
     )
     export_types: str = "Patient,Encounter,Observation,Condition,MedicationRequest"
+    bq_project: str | None = Field(default=None, description="BigQuery project (bigquery target)")
+    bq_location: str = Field(default="US", description="BigQuery location")
+    gcs_bucket: str | None = Field(
+        default=None, description="Cloud Storage bucket the lake partitions are loaded from"
+    )
+    gcs_prefix: str = Field(default="starvit", description="Object prefix inside the bucket")
     deid_backend: Literal["local", "dlp"] = Field(
         default="local", description="De-identification backend: the local engine or Cloud DLP"
     )

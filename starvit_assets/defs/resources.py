@@ -1,6 +1,8 @@
 """Dagster resources: thin wrappers that hand the domain modules their settings and endpoints."""
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 
 import dagster as dg
@@ -10,7 +12,8 @@ from starvit_assets import platform
 from starvit_assets.deid.engine import DeidBackend, LocalDeidEngine
 from starvit_assets.deid.policy import Policy
 from starvit_assets.lake.partitions import QUARANTINE_LAYER, RawLake
-from starvit_assets.settings import StarvitSettings, load_settings
+from starvit_assets.settings import StarvitSettings, WarehouseTarget, load_settings
+from starvit_assets.warehouse.targets import RawWarehouse, raw_warehouse
 
 
 class PlatformResource(dg.ConfigurableResource):
@@ -64,6 +67,18 @@ class PlatformResource(dg.ConfigurableResource):
             policy=policy,
             reference_date=reference_date,
         )
+
+    @contextmanager
+    def raw_warehouse(self) -> Iterator[RawWarehouse]:
+        """The configured warehouse's raw schema: PostgreSQL or BigQuery."""
+        settings = self.settings
+        dsn = (
+            ""
+            if settings.warehouse_target == WarehouseTarget.BIGQUERY
+            else self.endpoints.warehouse_dsn
+        )
+        with raw_warehouse(settings, dsn) as warehouse:
+            yield warehouse
 
     def warehouse_connection(self) -> psycopg.Connection:
         return psycopg.connect(self.endpoints.warehouse_dsn)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 from starvit_assets.defs.deid_raw import deid_asset_key
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.views.runner import shipped_views
-from starvit_assets.warehouse.loader import LoadError, load_partition, loaded_row_counts
+from starvit_assets.warehouse.loader import LoadError
 
 GROUP = "warehouse_raw"
 ROWS_CHECK = "rows_match_lake"
@@ -25,7 +25,7 @@ def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
         key=key,
         deps=[deid_asset_key(table)],
         group_name=GROUP,
-        kinds={"postgres"},
+        kinds={"postgres", "bigquery"},
         description=(
             f"Raw `{table}` table in the warehouse raw schema: every published lake partition, "
             "loaded with COPY, one transaction per partition; the dbt source of the staging layer."
@@ -49,18 +49,18 @@ def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
                 description=f"no published partitions of deid_raw/{table}: materialize it first"
             )
         loaded: list[str] = []
-        with platform.warehouse_connection() as connection:
-            before = loaded_row_counts(connection, schema, table)
-            for export_id, path in partitions:
-                expected = pq.ParquetFile(path).metadata.num_rows
-                if before.get(export_id) == expected:
-                    continue
-                try:
-                    load_partition(connection, schema, table, export_id, path)
-                except LoadError as error:
-                    raise dg.Failure(description=str(error)) from None
-                loaded.append(export_id)
-            after = loaded_row_counts(connection, schema, table)
+        try:
+            with platform.raw_warehouse() as warehouse:
+                before = warehouse.loaded_row_counts(table)
+                for export_id, path in partitions:
+                    expected = pq.ParquetFile(path).metadata.num_rows
+                    if before.get(export_id) == expected:
+                        continue
+                    warehouse.load_partition(table, export_id, path)
+                    loaded.append(export_id)
+                after = warehouse.loaded_row_counts(table)
+        except LoadError as error:
+            raise dg.Failure(description=str(error)) from None
         mismatched = [
             export_id
             for export_id, path in partitions
