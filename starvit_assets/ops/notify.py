@@ -25,6 +25,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from starvit_assets.ops.delivery import post_json
+
 AlertKind = Literal["run_failure", "check_failure", "freshness"]
 ALERT_KINDS: Final = ("run_failure", "check_failure", "freshness")
 
@@ -342,22 +344,16 @@ class SlackWebhookNotifier:
         return "SlackWebhookNotifier(url=***)"
 
     def send(self, alert: Alert) -> None:
-        payload = slack_payload(alert)
-        failure = "no attempt made"
-        with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
-            for attempt in range(self._attempts):
-                if attempt:
-                    time.sleep(self._backoff * 2 ** (attempt - 1))
-                try:
-                    response = client.post(self._url, json=payload)
-                except httpx.TransportError as error:
-                    failure = type(error).__name__
-                    continue
-                if response.is_success:
-                    return
-                failure = f"HTTP {response.status_code}"
-                if response.status_code != 429 and response.status_code < 500:
-                    break
+        failure = post_json(
+            self._url,
+            slack_payload(alert),
+            timeout=self._timeout,
+            attempts=self._attempts,
+            backoff_seconds=self._backoff,
+            transport=self._transport,
+        )
+        if failure is None:
+            return
         raise NotifyError(f"webhook: delivery failed ({failure})")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 from urllib.parse import urlsplit
 
 import httpx
+
+from starvit_assets.ops.delivery import post_json
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -311,21 +312,17 @@ class HttpTransport:
         return f"HttpTransport(endpoint={self.endpoint!r})"
 
     def emit(self, event: Mapping[str, Any]) -> None:
-        failure = "no attempt made"
-        with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
-            for attempt in range(self._attempts):
-                if attempt:
-                    time.sleep(self._backoff * 2 ** (attempt - 1))
-                try:
-                    response = client.post(self.endpoint, json=event, headers=self._headers)
-                except httpx.TransportError as error:
-                    failure = type(error).__name__
-                    continue
-                if response.is_success:
-                    return
-                failure = f"HTTP {response.status_code}"
-                if response.status_code != 429 and response.status_code < 500:
-                    break
+        failure = post_json(
+            self.endpoint,
+            event,
+            headers=self._headers,
+            timeout=self._timeout,
+            attempts=self._attempts,
+            backoff_seconds=self._backoff,
+            transport=self._transport,
+        )
+        if failure is None:
+            return
         raise LineageError(f"openlineage http: emit failed ({failure})")
 
 
