@@ -1,8 +1,17 @@
-"""Deterministic synthetic FHIR R4 data, written patient by patient (memory flat in patients).
+"""Deterministic synthetic FHIR R4 data at about a hundred resources per patient, streamed.
 
-Same ``patients`` and ``seed`` give byte-identical files. About a third of the patients are
-measured in inches and pounds; some conditions have partial-precision onsets; some
-observations carry free-text notes holding the patient's name (to prove it never crosses).
+Every patient has its own ``random.Random`` derived from (seed, index), and its resources go
+straight to the per-type NDJSON files: the same seed gives byte-identical files, patient ``i`` is
+the same whatever the number of patients, and memory stays flat however many are asked for.
+
+About a third of the patients are measured in inches and pounds; some conditions have
+partial-precision onsets; some weight observations carry free-text notes holding the patient's
+name (to prove it never crosses the de-identification gate).
+
+Data-quality faults are planted on purpose at ``fault_rate`` (see ``FAULT_KINDS``), drawn from
+a second per-patient generator so that the clean data does not change with the rate; every
+fault is listed in ``truth.json`` next to the NDJSON. Body height, weight and BMI observations
+only ever get exact duplicates: downstream BMI must stay hand-checkable from the source.
 """
 
 from __future__ import annotations
@@ -10,19 +19,45 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
-import uuid
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-RESOURCE_TYPES = ("Patient", "Encounter", "Observation", "Condition", "MedicationRequest")
+RESOURCE_TYPES = (
+    "Patient",
+    "Encounter",
+    "Observation",
+    "Condition",
+    "MedicationRequest",
+    "Procedure",
+    "Immunization",
+    "AllergyIntolerance",
+)
+FAULT_KINDS = (
+    "unknown_code",
+    "unknown_code_system",
+    "missing_unit",
+    "non_ucum_unit",
+    "duplicate_resource",
+    "duplicate_person",
+    "malformed_date",
+)
+TRUTH_FILE = "truth.json"
+# 0.0 until ensure_source_data asks for no duplicate persons: the e2e counts patients exactly.
+DEFAULT_FAULT_RATE = 0.0
 EXPORT_EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+_EPOCH_SECONDS = int(EXPORT_EPOCH.timestamp())
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+CVX = "http://hl7.org/fhir/sid/cvx"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 GIVEN_NAMES = (
     "Olivia",
@@ -113,12 +148,167 @@ MEDICATIONS = (
 )
 
 
+PROCEDURES = (
+    ("430193006", "Medication reconciliation (procedure)"),
+    ("171207006", "Depression screening (procedure)"),
+    ("710824005", "Assessment of health and social care needs (procedure)"),
+    ("162673000", "General examination of patient (procedure)"),
+    ("29303009", "Electrocardiographic procedure"),
+    ("399208008", "Plain chest X-ray (procedure)"),
+    ("117015009", "Throat culture (procedure)"),
+    ("73761001", "Colonoscopy (procedure)"),
+)
+VACCINES = (
+    ("140", "Influenza, seasonal, injectable, preservative free"),
+    ("208", "COVID-19, mRNA, LNP-S, PF, 30 mcg/0.3 mL dose"),
+    ("115", "Tdap"),
+    ("133", "Pneumococcal conjugate PCV 13"),
+    ("33", "pneumococcal polysaccharide PPV23"),
+    ("08", "Hep B, adolescent or pediatric"),
+    ("62", "HPV, quadrivalent"),
+    ("21", "varicella"),
+    ("03", "MMR"),
+)
+ALLERGIES = (
+    ("91936005", "Allergy to penicillin", "medication", "high"),
+    ("300916003", "Latex allergy", "environment", "low"),
+    ("91935009", "Allergy to peanuts", "food", "high"),
+    ("300913006", "Shellfish allergy", "food", "high"),
+    ("418689008", "Allergy to grass pollen", "environment", "low"),
+    ("232350006", "House dust mite allergy", "environment", "low"),
+    ("232347008", "Dander (animal) allergy", "environment", "low"),
+    ("91930004", "Allergy to eggs", "food", "low"),
+)
+REACTIONS = (
+    ("271807003", "Eruption of skin"),
+    ("247472004", "Wheal"),
+    ("49727002", "Cough"),
+    ("267036007", "Dyspnea"),
+    ("39579001", "Anaphylaxis"),
+)
+ENCOUNTER_TYPES = (
+    ("185349003", "Encounter for check up", "AMB"),
+    ("185349003", "Encounter for check up", "AMB"),
+    ("390906007", "Follow-up encounter", "AMB"),
+    ("50849002", "Emergency room admission", "EMER"),
+    ("32485007", "Hospital admission", "IMP"),
+)
+
+# (LOINC, display, UCUM code, human unit, category): the body measures first; downstream knows
+# only those three, and they never get a fault that would change the BMI it computes.
+BODY_MEASURES = frozenset({"8302-2", "29463-7", "39156-5"})
+OBSERVATION_CODES = {
+    "8302-2": ("Body height", "vital-signs"),
+    "29463-7": ("Body weight", "vital-signs"),
+    "39156-5": ("Body mass index (BMI) [Ratio]", "vital-signs"),
+    "8867-4": ("Heart rate", "vital-signs"),
+    "8480-6": ("Systolic blood pressure", "vital-signs"),
+    "8462-4": ("Diastolic blood pressure", "vital-signs"),
+    "8310-5": ("Body temperature", "vital-signs"),
+    "9279-1": ("Respiratory rate", "vital-signs"),
+    "59408-5": ("Oxygen saturation in Arterial blood by Pulse oximetry", "vital-signs"),
+    "2339-0": ("Glucose [Mass/volume] in Blood", "laboratory"),
+    "4548-4": ("Hemoglobin A1c/Hemoglobin.total in Blood", "laboratory"),
+    "2093-3": ("Cholesterol [Mass/volume] in Serum or Plasma", "laboratory"),
+    "2571-8": ("Triglyceride [Mass/volume] in Serum or Plasma", "laboratory"),
+    "2085-9": ("Cholesterol in HDL [Mass/volume] in Serum or Plasma", "laboratory"),
+    "2160-0": ("Creatinine [Mass/volume] in Serum or Plasma", "laboratory"),
+    "718-7": ("Hemoglobin [Mass/volume] in Blood", "laboratory"),
+}
+UCUM_UNITS = {
+    "cm": "cm",
+    "kg": "kg",
+    "[in_i]": "in",
+    "[lb_av]": "lb",
+    "kg/m2": "kg/m2",
+    "/min": "/min",
+    "mm[Hg]": "mmHg",
+    "Cel": "°C",
+    "%": "%",
+    "mg/dL": "mg/dL",
+    "g/dL": "g/dL",
+}
+_UNIT_JSON = {code: json.dumps(unit) for code, unit in UCUM_UNITS.items()}
+# Spellings seen in real feeds that are not UCUM (UCUM is case-sensitive and has no "bpm").
+NON_UCUM = {
+    "/min": "bpm",
+    "mm[Hg]": "mmHg",
+    "Cel": "C",
+    "%": "percent",
+    "mg/dL": "mg per dL",
+    "g/dL": "gm/dL",
+}
+# LOINC-shaped codes that are in no table downstream (and, as far as LOINC goes, unassigned).
+UNKNOWN_LOINC = ("99999-9", "99998-1", "99997-3")
+UNKNOWN_SYSTEMS = (
+    "http://example.org/fhir/CodeSystem/local-codes",
+    "urn:oid:2.16.840.1.113883.19.5.99",
+    # A trailing slash is the commonest way a real feed gets a known system wrong.
+    "http://loinc.org/",
+)
+MALFORMED_DATES = (
+    "2023-02-30",
+    "2022-13-07",
+    "07/11/2021",
+    "2021-06-15T25:61:00Z",
+    "2020-00-10T08:00:00Z",
+    "yesterday",
+)
+# How likely each kind is once a resource is picked for a fault; malformed dates stay "a few".
+_FAULT_WEIGHTS = {
+    "unknown_code": 3,
+    "unknown_code_system": 2,
+    "missing_unit": 3,
+    "non_ucum_unit": 3,
+    "duplicate_resource": 3,
+    "malformed_date": 1,
+}
+_NONE: tuple[str, ...] = ()
+_DUPLICATE_ONLY = ("duplicate_resource",)
+_DATED = ("duplicate_resource", "malformed_date")
+_CODED = ("duplicate_resource", "malformed_date", "unknown_code_system")
+_MEASURED = (
+    "duplicate_resource",
+    "malformed_date",
+    "unknown_code",
+    "unknown_code_system",
+    "missing_unit",
+    "non_ucum_unit",
+)
+_DATE_FIELD = {
+    "Encounter": "period.start",
+    "Observation": "effectiveDateTime",
+    "Condition": "onsetDateTime",
+    "MedicationRequest": "authoredOn",
+    "Procedure": "performedDateTime",
+    "Immunization": "occurrenceDateTime",
+    "AllergyIntolerance": "recordedDate",
+}
+_CODE_FIELD = {
+    "Observation": "code",
+    "Condition": "code",
+    "MedicationRequest": "medicationCodeableConcept",
+    "Procedure": "code",
+    "Immunization": "vaccineCode",
+    "AllergyIntolerance": "code",
+}
+
+Emitted = tuple[str, dict[str, Any], tuple[str, ...]]
+
+
 def _id(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    # The same bits uuid.UUID(int=..., version=4) sets, without building a UUID per resource.
+    bits = rng.getrandbits(128)
+    bits = (bits & ~(0xF000 << 64)) | (0x4000 << 64)
+    bits = (bits & ~(0xC000 << 48)) | (0x8000 << 48)
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _instant(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+# lastUpdated falls 1 to 300 days before the export: the day part is formatted once, here.
+_UPDATE_DAYS = tuple(
+    time.strftime("%Y-%m-%d", time.gmtime(_EPOCH_SECONDS - days * 86_400)) for days in range(1, 301)
+)
 
 
 def _date_time(moment: dt.datetime, offset: str) -> str:
@@ -130,8 +320,78 @@ def _date_time(moment: dt.datetime, offset: str) -> str:
 
 
 def _meta(rng: random.Random) -> dict[str, str]:
-    updated = EXPORT_EPOCH - dt.timedelta(days=rng.randint(1, 300), seconds=rng.randint(0, 86_399))
-    return {"versionId": "1", "lastUpdated": _instant(updated)}
+    # One draw and table look-ups: this runs for every resource, so strftime would dominate.
+    draw = int(rng.random() * 300 * 86_400)
+    day, second = divmod(draw, 86_400)
+    hours, rest = divmod(second, 3600)
+    minutes, seconds = divmod(rest, 60)
+    stamp = f"{_UPDATE_DAYS[day]}T{hours:02d}:{minutes:02d}:{seconds:02d}.000Z"
+    return {"versionId": "1", "lastUpdated": stamp}
+
+
+def _reference(resource_type: str, resource_id: str) -> dict[str, str]:
+    return {"reference": f"{resource_type}/{resource_id}"}
+
+
+def _concept(system: str, code: str, display: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
+
+
+def _status(system: str, code: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code}]}
+
+
+# Shared, never mutated: the faults replace a sub-object instead of editing it in place.
+_OBSERVATION_CONCEPTS = {
+    code: _concept(LOINC, code, display) for code, (display, _) in OBSERVATION_CODES.items()
+}
+_CATEGORIES = {
+    name: [{"coding": [{"system": OBSERVATION_CATEGORY, "code": name, "display": display}]}]
+    for name, display in (("vital-signs", "Vital Signs"), ("laboratory", "Laboratory"))
+}
+_CONDITION_CLINICAL = _status("http://terminology.hl7.org/CodeSystem/condition-clinical", "active")
+_CONDITION_VERIFIED = _status(
+    "http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed"
+)
+_ALLERGY_CLINICAL = _status(
+    "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "active"
+)
+_ALLERGY_VERIFIED = _status(
+    "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "confirmed"
+)
+
+
+_ENCODE: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+# Observations are four fifths of the output: their constant parts are encoded once. The lines
+# equal what the JSON encoder writes for the same dict (the unit tests re-encode and compare).
+_OBSERVATION_PARTS = {
+    code: (
+        ',"status":"final","category":'
+        + _ENCODE(_CATEGORIES[category])
+        + ',"code":'
+        + _ENCODE(_OBSERVATION_CONCEPTS[code])
+    )
+    for code, (_, category) in OBSERVATION_CODES.items()
+}
+
+
+def _observation_line(resource: dict[str, Any]) -> str:
+    quantity = resource["valueQuantity"]
+    return (
+        f'{{"resourceType":"Observation","id":"{resource["id"]}",'
+        f'"meta":{{"versionId":"1","lastUpdated":"{resource["meta"]["lastUpdated"]}"}}'
+        f"{_OBSERVATION_PARTS[resource['code']['coding'][0]['code']]}"
+        f',"subject":{{"reference":"{resource["subject"]["reference"]}"}}'
+        f',"encounter":{{"reference":"{resource["encounter"]["reference"]}"}}'
+        f',"effectiveDateTime":"{resource["effectiveDateTime"]}"'
+        f',"valueQuantity":{{"value":{quantity["value"]!r},"unit":{_UNIT_JSON[quantity["code"]]}'
+        f',"system":"{UCUM}","code":"{quantity["code"]}"}}}}\n'
+    )
+
+
+def _quantity(value: float, code: str, decimals: int = 1) -> dict[str, Any]:
+    rounded: float = round(value, decimals) if decimals else round(value)
+    return {"value": rounded, "unit": UCUM_UNITS[code], "system": UCUM, "code": code}
 
 
 def _patient(rng: random.Random, index: int) -> tuple[dict[str, Any], str, float]:
@@ -190,113 +450,164 @@ def _patient(rng: random.Random, index: int) -> tuple[dict[str, Any], str, float
     return patient, f"{given} {family}", float(age)
 
 
-def _reference(resource_type: str, resource_id: str) -> dict[str, str]:
-    return {"reference": f"{resource_type}/{resource_id}"}
+class _Observations:
+    """Builds the observations of one patient; the shared parts are made once per encounter."""
+
+    def __init__(self, rng: random.Random, patient_id: str) -> None:
+        self.rng = rng
+        self.subject = _reference("Patient", patient_id)
+
+    def make(
+        self, encounter: dict[str, str], moment: str, loinc: str, quantity: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": _id(self.rng),
+            "meta": _meta(self.rng),
+            "status": "final",
+            "category": _CATEGORIES[OBSERVATION_CODES[loinc][1]],
+            "code": _OBSERVATION_CONCEPTS[loinc],
+            "subject": self.subject,
+            "encounter": encounter,
+            "effectiveDateTime": moment,
+            "valueQuantity": quantity,
+        }
 
 
-def _quantity(value: float, unit: str, code: str) -> dict[str, Any]:
-    return {"value": round(value, 1), "unit": unit, "system": UCUM, "code": code}
-
-
-def _vital(
-    rng: random.Random,
-    patient_id: str,
-    encounter_id: str,
-    moment: str,
-    loinc: str,
-    display: str,
-    quantity: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "id": _id(rng),
-        "meta": _meta(rng),
-        "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                        "code": "vital-signs",
-                        "display": "Vital Signs",
-                    }
-                ]
-            }
-        ],
-        "code": {"coding": [{"system": LOINC, "code": loinc, "display": display}], "text": display},
-        "subject": _reference("Patient", patient_id),
-        "encounter": _reference("Encounter", encounter_id),
-        "effectiveDateTime": moment,
-        "valueQuantity": quantity,
-    }
-
-
-def _patient_bundle(rng: random.Random, index: int) -> dict[str, list[dict[str, Any]]]:
-    patient, full_name, age = _patient(rng, index)
+def _patient_resources(
+    rng: random.Random, patient: dict[str, Any], full_name: str, age: float
+) -> Iterator[Emitted]:
+    """The clinical resources of one patient, in the order they are written."""
     patient_id = patient["id"]
-    resources: dict[str, list[dict[str, Any]]] = {name: [] for name in RESOURCE_TYPES}
-    resources["Patient"].append(patient)
+    subject = _reference("Patient", patient_id)
+    adult = age >= 18
     imperial = rng.random() < 0.35
-    height_cm = rng.gauss(170, 9) if age >= 18 else rng.uniform(95, 165)
+    height_cm = rng.gauss(170, 9) if adult else rng.uniform(95, 165)
     # Weight follows from a drawn BMI: height and weight drawn apart gave BMIs no body has.
-    body_mass_index = min(48.0, max(16.5, rng.gauss(26, 4.5))) if age >= 18 else rng.uniform(14, 23)
+    body_mass_index = min(48.0, max(16.5, rng.gauss(26, 4.5))) if adult else rng.uniform(14, 23)
     weight_kg = body_mass_index * (height_cm / 100) ** 2
     offset = rng.choice(OFFSETS)
-    visit = EXPORT_EPOCH - dt.timedelta(days=rng.randint(400, 1500))
-    encounter_ids = []
-    for _ in range(rng.randint(1, 4)):
-        visit += dt.timedelta(
-            days=rng.randint(20, 300), hours=rng.randint(7, 17), minutes=rng.randint(0, 59)
+    conditions = rng.sample(CONDITIONS, rng.choice((0, 1, 1, 2, 3, 4)))
+    diabetic = any(condition[0] == "44054006" for condition in conditions)
+    hypertensive = any(condition[0] == "38341003" for condition in conditions)
+    resting_rate = rng.gauss(74, 8)
+    systolic_base = rng.gauss(138 if hypertensive else 121, 9)
+
+    visits = rng.randint(3, 11)
+    span_days = rng.randint(3 * 365, 8 * 365)
+    gap = span_days / (visits + 1)
+    start = EXPORT_EPOCH - dt.timedelta(days=span_days)
+    observations = _Observations(rng, patient_id)
+    encounters: list[tuple[dict[str, str], dt.datetime]] = []
+    for visit_number in range(visits):
+        # Visits spread over the span, jittered within their slot, so they stay in order and
+        # the last one still falls before the export.
+        day = gap * (visit_number + 1) + rng.uniform(-gap / 3, gap / 3)
+        visit = (start + dt.timedelta(days=int(day))).replace(
+            hour=rng.randint(7, 17), minute=rng.randint(0, 59)
         )
-        end = visit + dt.timedelta(minutes=rng.randint(15, 90))
+        type_code, type_display, class_code = rng.choice(ENCOUNTER_TYPES)
+        minutes = rng.randint(15, 90) if class_code == "AMB" else rng.randint(120, 4320)
         encounter_id = _id(rng)
-        encounter: dict[str, Any] = {
-            "resourceType": "Encounter",
-            "id": encounter_id,
-            "meta": _meta(rng),
-            "status": "finished",
-            "class": {
-                "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                "code": rng.choice(("AMB", "AMB", "IMP")),
+        yield (
+            "Encounter",
+            {
+                "resourceType": "Encounter",
+                "id": encounter_id,
+                "meta": _meta(rng),
+                "status": "finished",
+                "class": {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                    "code": class_code,
+                },
+                "type": [_concept(SNOMED, type_code, type_display)],
+                "subject": subject,
+                "period": {
+                    "start": _date_time(visit, offset),
+                    "end": _date_time(visit + dt.timedelta(minutes=minutes), offset),
+                },
             },
-            "type": [
-                {
-                    "coding": [
-                        {"system": SNOMED, "code": "185349003", "display": "Encounter for check up"}
-                    ]
-                }
-            ],
-            "subject": _reference("Patient", patient_id),
-            "period": {"start": _date_time(visit, offset), "end": _date_time(end, offset)},
-        }
-        resources["Encounter"].append(encounter)
-        encounter_ids.append(encounter_id)
+            _DATED,
+        )
+        encounter = _reference("Encounter", encounter_id)
+        encounters.append((encounter, visit))
         moment = _date_time(visit + dt.timedelta(minutes=5), offset)
+        if not adult:
+            height_cm = min(190.0, height_cm + rng.uniform(0, 3))
         weight_kg = max(15.0, weight_kg + rng.gauss(0, 1.5))
         if imperial:
-            height = _quantity(height_cm / 2.54, "in", "[in_i]")
-            weight = _quantity(weight_kg / 0.45359237, "lb", "[lb_av]")
+            height = _quantity(height_cm / 2.54, "[in_i]")
+            weight = _quantity(weight_kg / 0.45359237, "[lb_av]")
         else:
-            height = _quantity(height_cm, "cm", "cm")
-            weight = _quantity(weight_kg, "kg", "kg")
-        observations = [
-            _vital(rng, patient_id, encounter_id, moment, "8302-2", "Body height", height),
-            _vital(rng, patient_id, encounter_id, moment, "29463-7", "Body weight", weight),
-            _vital(
-                rng,
-                patient_id,
-                encounter_id,
-                moment,
-                "39156-5",
-                "Body mass index (BMI) [Ratio]",
-                _quantity(weight_kg / (height_cm / 100) ** 2, "kg/m2", "kg/m2"),
-            ),
-        ]
+            height = _quantity(height_cm, "cm")
+            weight = _quantity(weight_kg, "kg")
+        yield "Observation", observations.make(encounter, moment, "8302-2", height), _DUPLICATE_ONLY
+        weighed = observations.make(encounter, moment, "29463-7", weight)
         if rng.random() < 0.1:
-            observations[1]["note"] = [{"text": f"{full_name} reports feeling well."}]
-        resources["Observation"].extend(observations)
-    for _ in range(rng.choice((0, 1, 1, 2, 3))):
-        snomed, snomed_display, icd10, icd10_display = rng.choice(CONDITIONS)
+            weighed["note"] = [{"text": f"{full_name} reports feeling well."}]
+        yield "Observation", weighed, _DUPLICATE_ONLY
+        bmi = _quantity(weight_kg / (height_cm / 100) ** 2, "kg/m2")
+        yield "Observation", observations.make(encounter, moment, "39156-5", bmi), _DUPLICATE_ONLY
+
+        systolic = systolic_base + rng.gauss(0, 8)
+        vitals = (
+            ("8867-4", _quantity(resting_rate + rng.gauss(0, 6), "/min", 0)),
+            ("8480-6", _quantity(systolic, "mm[Hg]", 0)),
+            ("8462-4", _quantity(systolic * 0.64 + rng.gauss(0, 5), "mm[Hg]", 0)),
+            ("8310-5", _quantity(rng.gauss(36.8, 0.3), "Cel")),
+            ("9279-1", _quantity(rng.randint(12, 20), "/min", 0)),
+            ("59408-5", _quantity(min(100.0, rng.gauss(97.5, 1.2)), "%", 0)),
+        )
+        for loinc, quantity in vitals:
+            yield "Observation", observations.make(encounter, moment, loinc, quantity), _MEASURED
+        if rng.random() < (0.45 if adult else 0.1):
+            drawn = _date_time(visit + dt.timedelta(minutes=20), offset)
+            labs = (
+                ("2339-0", _quantity(rng.gauss(150 if diabetic else 92, 15), "mg/dL", 0)),
+                ("4548-4", _quantity(rng.gauss(7.6 if diabetic else 5.3, 0.4), "%")),
+                ("2093-3", _quantity(rng.gauss(195, 30), "mg/dL", 0)),
+                ("2571-8", _quantity(max(40.0, rng.gauss(140, 45)), "mg/dL", 0)),
+                ("2085-9", _quantity(rng.gauss(52, 12), "mg/dL", 0)),
+                ("2160-0", _quantity(max(0.4, rng.gauss(0.95, 0.2)), "mg/dL", 2)),
+                ("718-7", _quantity(rng.gauss(14, 1.3), "g/dL")),
+            )
+            for loinc, quantity in labs:
+                yield "Observation", observations.make(encounter, drawn, loinc, quantity), _MEASURED
+        if rng.random() < 0.4:
+            code, display = rng.choice(PROCEDURES)
+            yield (
+                "Procedure",
+                {
+                    "resourceType": "Procedure",
+                    "id": _id(rng),
+                    "meta": _meta(rng),
+                    "status": "completed",
+                    "code": _concept(SNOMED, code, display),
+                    "subject": subject,
+                    "encounter": encounter,
+                    "performedDateTime": _date_time(visit + dt.timedelta(minutes=10), offset),
+                },
+                _CODED,
+            )
+        if rng.random() < 0.4:
+            code, display = rng.choice(VACCINES)
+            yield (
+                "Immunization",
+                {
+                    "resourceType": "Immunization",
+                    "id": _id(rng),
+                    "meta": _meta(rng),
+                    "status": "completed",
+                    "vaccineCode": _concept(CVX, code, display),
+                    "patient": subject,
+                    "encounter": encounter,
+                    "occurrenceDateTime": _date_time(visit + dt.timedelta(minutes=15), offset),
+                    "primarySource": True,
+                },
+                _CODED,
+            )
+
+    for snomed, snomed_display, icd10, icd10_display in conditions:
         roll = rng.random()
         onset_year = EXPORT_EPOCH.year - rng.randint(1, 15)
         if roll < 0.15:
@@ -305,27 +616,15 @@ def _patient_bundle(rng: random.Random, index: int) -> dict[str, list[dict[str, 
             onset = f"{onset_year}-{rng.randint(1, 12):02d}"
         else:
             onset = _date_time(EXPORT_EPOCH - dt.timedelta(days=rng.randint(30, 5000)), offset)
-        resources["Condition"].append(
+        encounter, visit = rng.choice(encounters)
+        yield (
+            "Condition",
             {
                 "resourceType": "Condition",
                 "id": _id(rng),
                 "meta": _meta(rng),
-                "clinicalStatus": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                            "code": "active",
-                        }
-                    ]
-                },
-                "verificationStatus": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                            "code": "confirmed",
-                        }
-                    ]
-                },
+                "clinicalStatus": _CONDITION_CLINICAL,
+                "verificationStatus": _CONDITION_VERIFIED,
                 "code": {
                     "coding": [
                         {"system": SNOMED, "code": snomed, "display": snomed_display},
@@ -333,48 +632,226 @@ def _patient_bundle(rng: random.Random, index: int) -> dict[str, list[dict[str, 
                     ],
                     "text": snomed_display,
                 },
-                "subject": _reference("Patient", patient_id),
-                "encounter": _reference("Encounter", rng.choice(encounter_ids)),
+                "subject": subject,
+                "encounter": encounter,
                 "onsetDateTime": onset,
                 "recordedDate": _date_time(visit, offset),
-            }
+            },
+            _CODED,
         )
-    for _ in range(rng.choice((0, 1, 1, 2, 3))):
+    for _ in range(rng.choice((0, 1, 1, 2, 3, 4))):
         code, display = rng.choice(MEDICATIONS)
-        resources["MedicationRequest"].append(
+        encounter, visit = rng.choice(encounters)
+        yield (
+            "MedicationRequest",
             {
                 "resourceType": "MedicationRequest",
                 "id": _id(rng),
                 "meta": _meta(rng),
                 "status": "active",
                 "intent": "order",
-                "medicationCodeableConcept": {
-                    "coding": [{"system": RXNORM, "code": code, "display": display}],
-                    "text": display,
-                },
-                "subject": _reference("Patient", patient_id),
-                "encounter": _reference("Encounter", rng.choice(encounter_ids)),
-                "authoredOn": _date_time(visit, offset),
-            }
+                "medicationCodeableConcept": _concept(RXNORM, code, display),
+                "subject": subject,
+                "encounter": encounter,
+                "authoredOn": _date_time(visit + dt.timedelta(minutes=30), offset),
+            },
+            _CODED,
         )
-    return resources
+    for code, display, category, criticality in rng.sample(ALLERGIES, rng.choice((0, 0, 1, 1, 2))):
+        encounter, visit = encounters[0]
+        reaction_code, reaction_display = rng.choice(REACTIONS)
+        yield (
+            "AllergyIntolerance",
+            {
+                "resourceType": "AllergyIntolerance",
+                "id": _id(rng),
+                "meta": _meta(rng),
+                "clinicalStatus": _ALLERGY_CLINICAL,
+                "verificationStatus": _ALLERGY_VERIFIED,
+                "type": "allergy",
+                "category": [category],
+                "criticality": criticality,
+                "code": _concept(SNOMED, code, display),
+                "patient": subject,
+                "encounter": encounter,
+                "recordedDate": _date_time(visit, offset),
+                "reaction": [
+                    {"manifestation": [_concept(SNOMED, reaction_code, reaction_display)]}
+                ],
+            },
+            _CODED,
+        )
 
 
-def generate(out_dir: Path, patients: int, seed: int) -> dict[str, int]:
-    """Write ``<ResourceType>.ndjson`` for ``patients`` synthetic patients; counts per type."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = dict.fromkeys(RESOURCE_TYPES, 0)
-    with ExitStack() as stack:
-        handles = {
+def _duplicate_person(
+    faults: random.Random, patient: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A second record for the same person, linked to the first: (duplicate, truth detail).
+
+    The original gets the reciprocal link, as an MPI that found the pair would record it.
+    """
+    link_type = faults.choice(("replaced-by", "seealso"))
+    duplicate = dict(patient)
+    duplicate["id"] = _id(faults)
+    duplicate["meta"] = _meta(faults)
+    duplicate["identifier"] = [
+        {
+            "system": "urn:oid:1.2.36.146.595.217.0.1",
+            "value": f"MRN{faults.randint(10**7, 10**8 - 1)}",
+        }
+    ]
+    duplicate["link"] = [{"other": _reference("Patient", patient["id"]), "type": link_type}]
+    if link_type == "replaced-by":
+        # The record that is replaced is no longer in use; the surviving one says it replaces it.
+        duplicate["active"] = False
+        back = "replaces"
+    else:
+        back = "seealso"
+    patient["link"] = [{"other": _reference("Patient", duplicate["id"]), "type": back}]
+    detail = {"field": "link", "value": f"Patient/{patient['id']}", "link_type": link_type}
+    return duplicate, detail
+
+
+def _first_coding(resource: dict[str, Any], field: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of ``resource[field]`` with a copied first coding, ready to be changed."""
+    concept = dict(resource[field])
+    concept["coding"] = [dict(concept["coding"][0]), *concept["coding"][1:]]
+    resource[field] = concept
+    coding: dict[str, Any] = concept["coding"][0]
+    return concept, coding
+
+
+def _apply_fault(
+    kind: str, resource_type: str, resource: dict[str, Any], faults: random.Random
+) -> dict[str, Any]:
+    """Change ``resource`` as ``kind`` says (sub-objects replaced, never edited); the detail."""
+    if kind == "duplicate_resource":
+        return {"field": "id", "value": resource["id"], "copies": 2}
+    if kind == "malformed_date":
+        value = faults.choice(MALFORMED_DATES)
+        field = _DATE_FIELD[resource_type]
+        if field == "period.start":
+            resource["period"] = {**resource["period"], "start": value}
+        else:
+            resource[field] = value
+        return {"field": field, "value": value}
+    if kind == "unknown_code":
+        _, coding = _first_coding(resource, "code")
+        value = faults.choice(UNKNOWN_LOINC)
+        original = coding["code"]
+        coding["code"] = value
+        coding.pop("display", None)
+        return {"field": "code.coding[0].code", "value": value, "system": LOINC, "was": original}
+    if kind == "unknown_code_system":
+        field = _CODE_FIELD[resource_type]
+        _, coding = _first_coding(resource, field)
+        value = faults.choice(UNKNOWN_SYSTEMS)
+        original = coding["system"]
+        coding["system"] = value
+        return {"field": f"{field}.coding[0].system", "value": value, "was": original}
+    quantity = resource["valueQuantity"]
+    if kind == "missing_unit":
+        resource["valueQuantity"] = {"value": quantity["value"]}
+        return {"field": "valueQuantity.code", "value": None, "was": quantity["code"]}
+    if kind == "non_ucum_unit":
+        value = NON_UCUM.get(quantity["code"], f"{quantity['code']} (local)")
+        # The unit claims no system: read as UCUM by default, it is not a valid UCUM code.
+        resource["valueQuantity"] = {"value": quantity["value"], "unit": value, "code": value}
+        return {"field": "valueQuantity.code", "value": value, "was": quantity["code"]}
+    raise ValueError(f"unknown fault kind {kind!r}")
+
+
+class _Writer:
+    """Streams resources to ``<Type>.ndjson`` and faults to per-kind spill files."""
+
+    def __init__(self, stack: ExitStack, out_dir: Path, fault_rate: float) -> None:
+        self.fault_rate = fault_rate
+        self.counts = dict.fromkeys(RESOURCE_TYPES, 0)
+        self.handles = {
             name: stack.enter_context(
                 (out_dir / f"{name}.ndjson").open("w", encoding="utf-8", newline="\n")
             )
             for name in RESOURCE_TYPES
         }
+        # Faults spill to temporary files so the truth file costs no memory at any scale.
+        self.spills: dict[str, IO[str]] = {
+            kind: stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
+            for kind in FAULT_KINDS
+        }
+        self.spilled = dict.fromkeys(FAULT_KINDS, 0)
+        self.encode = _ENCODE
+        self.weights: dict[tuple[str, ...], list[int]] = {
+            kinds: [_FAULT_WEIGHTS[kind] for kind in kinds]
+            for kinds in (_DUPLICATE_ONLY, _DATED, _CODED, _MEASURED)
+        }
+
+    def fault(self, kind: str, resource_type: str, resource_id: str, detail: Any) -> None:
+        entry = {"resource_type": resource_type, "id": resource_id, "detail": detail}
+        self.spills[kind].write(self.encode(entry) + "\n")
+        self.spilled[kind] += 1
+
+    def write(
+        self,
+        resource_type: str,
+        resource: dict[str, Any],
+        kinds: tuple[str, ...],
+        faults: random.Random,
+    ) -> None:
+        copies = 1
+        fast = resource_type == "Observation" and "note" not in resource
+        # One draw per resource whatever the rate: which resources get a fault is stable.
+        if faults.random() < self.fault_rate and kinds:
+            kind = faults.choices(kinds, self.weights[kinds])[0]
+            detail = _apply_fault(kind, resource_type, resource, faults)
+            self.fault(kind, resource_type, resource["id"], detail)
+            if kind == "duplicate_resource":
+                copies = 2
+            else:
+                fast = False
+        line = _observation_line(resource) if fast else self.encode(resource) + "\n"
+        self.handles[resource_type].write(line * copies)
+        self.counts[resource_type] += copies
+
+    def write_truth(self, path: Path) -> None:
+        with path.open("w", encoding="utf-8", newline="\n") as truth:
+            truth.write("{")
+            for position, kind in enumerate(FAULT_KINDS):
+                truth.write(("," if position else "") + f"\n{json.dumps(kind)}: [")
+                spill = self.spills[kind]
+                spill.seek(0)
+                for number, line in enumerate(spill):
+                    truth.write(("," if number else "") + "\n  " + line.rstrip("\n"))
+                truth.write("\n]" if self.spilled[kind] else "]")
+            truth.write("\n}\n")
+
+
+def generate(
+    out_dir: Path, patients: int, seed: int, fault_rate: float = DEFAULT_FAULT_RATE
+) -> dict[str, int]:
+    """Write ``<ResourceType>.ndjson`` and ``truth.json`` for ``patients`` synthetic patients.
+
+    Returns the lines written per resource type (a duplicated resource counts twice). With
+    ``fault_rate`` 0 the data has no planted faults and exactly ``patients`` Patient records.
+    """
+    if not 0.0 <= fault_rate <= 1.0:
+        raise ValueError("fault_rate must be between 0 and 1")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        writer = _Writer(stack, out_dir, fault_rate)
         for index in range(patients):
             rng = random.Random(f"{seed}/{index}")
-            for resource_type, resources in _patient_bundle(rng, index).items():
-                for resource in resources:
-                    handles[resource_type].write(json.dumps(resource, separators=(",", ":")) + "\n")
-                counts[resource_type] += len(resources)
-    return counts
+            faults = random.Random(f"{seed}/{index}/faults")
+            patient, full_name, age = _patient(rng, index)
+            duplicate = None
+            if faults.random() < fault_rate:
+                duplicate, detail = _duplicate_person(faults, patient)
+                writer.fault("duplicate_person", "Patient", duplicate["id"], detail)
+            writer.write("Patient", patient, _DUPLICATE_ONLY, faults)
+            if duplicate is not None:
+                writer.write("Patient", duplicate, _NONE, faults)
+            for resource_type, resource, kinds in _patient_resources(rng, patient, full_name, age):
+                writer.write(resource_type, resource, kinds, faults)
+        for handle in writer.handles.values():
+            handle.flush()
+        writer.write_truth(out_dir / TRUTH_FILE)
+    return writer.counts

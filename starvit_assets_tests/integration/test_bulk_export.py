@@ -142,6 +142,14 @@ class _Bearer(httpx.Auth):
         yield request
 
 
+def _compartment_patient(resource: dict[str, Any]) -> str:
+    """The patient a resource belongs to: its subject, its patient (Immunization,
+    AllergyIntolerance), or itself."""
+    owner = resource.get("subject") or resource.get("patient")
+    reference = owner["reference"] if owner else f"Patient/{resource['id']}"
+    return str(reference).removeprefix("Patient/")
+
+
 def _resources(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as handle:
         return [json.loads(line) for line in handle if line.strip()]
@@ -217,7 +225,7 @@ def test_patient_and_group_level_exports(
                 ),
             )
     group_patients = {
-        str(r.get("subject", {}).get("reference", f"Patient/{r['id']}")).removeprefix("Patient/")
+        _compartment_patient(r)
         for paths in group_result.files.values()
         for r in _all_resources(paths)
     }
@@ -225,7 +233,7 @@ def test_patient_and_group_level_exports(
     assert "Group" not in group_result.files  # a Group is outside the Patient compartment
     assert patient_level.counts == {"Patient": len(patient_ids)}
     one_patients = {
-        str(r.get("subject", {}).get("reference", f"Patient/{r['id']}")).removeprefix("Patient/")
+        _compartment_patient(r)
         for paths in one_member.files.values()
         for r in _all_resources(paths)
     }
