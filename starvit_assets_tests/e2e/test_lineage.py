@@ -201,12 +201,34 @@ def _identifying_values(source: Path) -> set[str]:
     return {value for value in values if len(value) >= 3}
 
 
+_WORD_RUN = re.compile(r"[\w-]+")
+
+
 def _find_phi(text: str, values: set[str]) -> list[str]:
-    found = []
+    """The values that stand in ``text`` as a whole (not inside a longer run of word characters
+    or hyphens), ignoring case: what ``(?<![\w-])value(?![\w-])`` finds, in one pass over the
+    text. An occurrence starts its first run of word characters exactly where a run of the text
+    starts, so only those places are tried."""
+    by_first_run: dict[str, list[tuple[str, int]]] = {}
     for value in values:
-        if re.search(rf"(?<![\w-]){re.escape(value)}(?![\w-])", text, flags=re.IGNORECASE):
-            found.append(value)
-    return found
+        lowered = value.lower()
+        first = _WORD_RUN.search(lowered)
+        if first is not None:
+            by_first_run.setdefault(first.group(), []).append((lowered, first.start()))
+    haystack = text.lower()
+    found: set[str] = set()
+    for run in _WORD_RUN.finditer(haystack):
+        for lowered, offset in by_first_run.get(run.group(), ()):
+            start = run.start() - offset
+            end = start + len(lowered)
+            if (
+                start >= 0
+                and haystack.startswith(lowered, start)
+                and (start == 0 or not _WORD_RUN.match(haystack[start - 1]))
+                and (end == len(haystack) or not _WORD_RUN.match(haystack[end]))
+            ):
+                found.add(lowered)
+    return sorted(value for value in values if value.lower() in found)
 
 
 def _warehouse_text(dsn: str, database_filter: str | None = None) -> str:
