@@ -1,23 +1,34 @@
 """The one place that assembles the Starvit Definitions and applies the shared policies.
 
 Each zone module defines its own assets and checks; here every asset spec passes once
-through ``apply_platform_policies``, which sets owners, freshness, zone tags and retention.
-An asset in a group with no policy fails the load: nothing goes unowned.
+through ``apply_platform_policies``, which sets owners, freshness, zone tags, retention and
+the zone's automation condition. An asset in a group with no policy fails the load: nothing
+goes unowned.
 """
 
 import datetime as dt
 import warnings
+from dataclasses import dataclass
 
 import dagster as dg
 
 from starvit_assets.defs.alerting import ALERTING_SENSORS, AUDIT_SENSORS, OPENLINEAGE_SENSORS
-from starvit_assets.defs.automation import daily_full_lineage, full_lineage_job, new_fhir_data
+from starvit_assets.defs.automation import (
+    automation_condition_sensor,
+    daily_full_lineage,
+    dbt_condition,
+    downstream_condition,
+    fhir_exports_job,
+    full_lineage_job,
+    new_fhir_data,
+)
 from starvit_assets.defs.dbt import dbt_models, dbt_resource
 from starvit_assets.defs.deid_raw import DEID_ASSETS
 from starvit_assets.defs.extract import fhir_export
 from starvit_assets.defs.graph import tigergraph_load
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.retention import RETENTION_DEFS
+from starvit_assets.defs.subscriptions import medplum_subscription_events
 from starvit_assets.defs.warehouse import WAREHOUSE_RAW_ASSETS
 from starvit_assets.ops.logging import configure_logging_from_env
 from starvit_assets.settings import load_settings
@@ -31,27 +42,64 @@ DATA_PLATFORM = "team:data-platform"
 PRIVACY = "team:privacy-engineering"
 ANALYTICS = "team:analytics-engineering"
 
-ZONE_POLICIES: dict[str, dict[str, str]] = {
-    "phi_extract": {
-        "owner": DATA_PLATFORM,
-        "zone": "phi",
-        "retention": "PHI staging: purged once de-identified; never kept past 7 days",
-    },
-    "deid_raw": {
-        "owner": PRIVACY,
-        "zone": "research",
-        "retention": "immutable partitions per export; kept 6 years",
-    },
-    "warehouse_raw": {"owner": DATA_PLATFORM, "zone": "research", "retention": "6 years"},
-    "staging": {"owner": ANALYTICS, "zone": "research", "retention": "view over raw; no copy"},
-    "refined": {"owner": ANALYTICS, "zone": "research", "retention": "rebuilt from raw; 6 years"},
-    "derived": {
-        "owner": ANALYTICS,
-        "zone": "research",
-        "retention": "rebuilt from refined; 6 years",
-    },
-    "reference": {"owner": ANALYTICS, "zone": "research", "retention": "versioned in git"},
-    "graph": {"owner": DATA_PLATFORM, "zone": "research", "retention": "replaced on every load"},
+
+@dataclass(frozen=True)
+class ZonePolicy:
+    owner: str
+    zone: str
+    retention: str
+    automation: dg.AutomationCondition | None
+    """None only for the zone that runs on schedules and sensors (the FHIR exports)."""
+
+
+# Exports are started by the schedule and the sensors (defs/automation.py, defs/subscriptions.py);
+# every zone downstream follows them by its automation condition.
+ZONE_POLICIES: dict[str, ZonePolicy] = {
+    "phi_extract": ZonePolicy(
+        owner=DATA_PLATFORM,
+        zone="phi",
+        retention="PHI staging: purged once de-identified; never kept past 7 days",
+        automation=None,
+    ),
+    "deid_raw": ZonePolicy(
+        owner=PRIVACY,
+        zone="research",
+        retention="immutable partitions per export; kept 6 years",
+        automation=downstream_condition(),
+    ),
+    "warehouse_raw": ZonePolicy(
+        owner=DATA_PLATFORM, zone="research", retention="6 years", automation=downstream_condition()
+    ),
+    "staging": ZonePolicy(
+        owner=ANALYTICS,
+        zone="research",
+        retention="view over raw; no copy",
+        automation=dbt_condition(),
+    ),
+    "refined": ZonePolicy(
+        owner=ANALYTICS,
+        zone="research",
+        retention="rebuilt from raw; 6 years",
+        automation=dbt_condition(),
+    ),
+    "derived": ZonePolicy(
+        owner=ANALYTICS,
+        zone="research",
+        retention="rebuilt from refined; 6 years",
+        automation=dbt_condition(),
+    ),
+    "reference": ZonePolicy(
+        owner=ANALYTICS,
+        zone="research",
+        retention="versioned in git",
+        automation=dbt_condition(),
+    ),
+    "graph": ZonePolicy(
+        owner=DATA_PLATFORM,
+        zone="research",
+        retention="replaced on every load",
+        automation=downstream_condition(),
+    ),
 }
 
 DAILY_FRESHNESS = dg.FreshnessPolicy.time_window(
@@ -67,10 +115,15 @@ def apply_platform_policies(spec: dg.AssetSpec) -> dg.AssetSpec:
             f"asset {spec.key.to_user_string()} is in group {group!r}, which has no policy"
         )
     return spec.replace_attributes(
-        owners=list(spec.owners) or [policy["owner"]],
+        owners=list(spec.owners) or [policy.owner],
         freshness_policy=spec.freshness_policy or DAILY_FRESHNESS,
-        tags={**spec.tags, "starvit/zone": policy["zone"]},
-        metadata={**spec.metadata, "retention": policy["retention"]},
+        tags={**spec.tags, "starvit/zone": policy.zone},
+        metadata={**spec.metadata, "retention": policy.retention},
+        automation_condition=(
+            spec.automation_condition
+            if spec.automation_condition is not None
+            else policy.automation
+        ),
     )
 
 
@@ -78,9 +131,16 @@ def build_definitions() -> dg.Definitions:
     settings = load_settings()
     definitions = dg.Definitions(
         assets=[fhir_export, *DEID_ASSETS, *WAREHOUSE_RAW_ASSETS, dbt_models, tigergraph_load],
-        jobs=[full_lineage_job, *RETENTION_DEFS.jobs],
+        jobs=[full_lineage_job, fhir_exports_job, *RETENTION_DEFS.jobs],
         schedules=[daily_full_lineage, *RETENTION_DEFS.schedules],
-        sensors=[new_fhir_data, *ALERTING_SENSORS, *AUDIT_SENSORS, *OPENLINEAGE_SENSORS],
+        sensors=[
+            new_fhir_data,
+            medplum_subscription_events,
+            automation_condition_sensor,
+            *ALERTING_SENSORS,
+            *AUDIT_SENSORS,
+            *OPENLINEAGE_SENSORS,
+        ],
         resources={
             "platform": PlatformResource(),
             "dbt": dbt_resource(settings.warehouse_target.value),

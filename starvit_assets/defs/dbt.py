@@ -1,10 +1,16 @@
 """dbt zone: staging, refined and derived models as assets; dbt tests as asset checks.
 
 The manifest is prepared at install time (``starvit dbt prepare``), never parsed on every
-load of the definitions.
+load of the definitions. Every model carries a ``contract`` (grain, keys, semantics, units)
+derived from its description, its ``unique`` tests, its config and its column descriptions;
+the staging models also carry their column lineage from the warehouse raw tables, parsed from
+their SQL (``starvit_assets.lineage``).
 """
 
+import json
+import re
 from collections.abc import Iterator, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,10 @@ from dagster_dbt import (
     dbt_assets,
 )
 
+from starvit_assets.clinical.terminology import BODY_MEASURES
 from starvit_assets.defs.resources import PlatformResource
+from starvit_assets.defs.warehouse import raw_contract, warehouse_raw_key
+from starvit_assets.lineage import TableLineage, shipped_lineage, staging_model_name
 from starvit_assets.settings import DBT_PROJECT_DIR, dbt_executable
 
 DBT_DOCS_PORT = 8580
@@ -52,6 +61,114 @@ def _meta(props: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**props.get("meta", {}), **props.get("config", {}).get("meta", {})}
 
 
+# --- contracts -------------------------------------------------------------------------------
+# Units a column description may state ("... in kg/m2"): the canonical units of the body
+# measures, and years.
+KNOWN_UNITS = frozenset({measure.canonical_unit for measure in BODY_MEASURES} | {"years"})
+_STATED_UNIT = re.compile(r"\bin (?:whole )?(?P<unit>[A-Za-z0-9_/\[\]]+)")
+
+
+@cache
+def _unique_tested_columns() -> dict[str, tuple[str, ...]]:
+    """Node unique id -> columns with a dbt ``unique`` test, from the prepared manifest."""
+    manifest = json.loads(manifest_path().read_text())
+    columns: dict[str, list[str]] = {}
+    for node in manifest["nodes"].values():
+        test = node.get("test_metadata") or {}
+        if node["resource_type"] == "test" and test.get("name") == "unique":
+            attached, column = node.get("attached_node"), node.get("column_name")
+            if attached and column:
+                columns.setdefault(attached, []).append(column)
+    return {node: tuple(sorted(set(names))) for node, names in columns.items()}
+
+
+def _first_sentence(text: str) -> str:
+    match = re.match(r"(.+?\.)(?:\s|$)", text)
+    return match.group(1) if match else text
+
+
+def _stated_units(props: Mapping[str, Any]) -> dict[str, str]:
+    """Column -> unit, from the column's ``meta.unit`` or its description ("... in kg",
+    "... in value_unit_code" when another column of the model holds the unit)."""
+    columns = props.get("columns", {})
+    units: dict[str, str] = {}
+    for name, column in columns.items():
+        declared = (column.get("meta") or {}).get("unit")
+        if isinstance(declared, str):
+            units[name] = declared
+            continue
+        for match in _STATED_UNIT.finditer(" ".join(column.get("description", "").split())):
+            unit = match["unit"]
+            if unit in KNOWN_UNITS:
+                units[name] = unit
+                break
+            if unit in columns and unit != name:
+                units[name] = f"per row: the unit in column {unit}"
+                break
+    return units
+
+
+def _staging_lineage(props: Mapping[str, Any]) -> TableLineage | None:
+    """The lineage of a staging model over one raw table, when it is one."""
+    sources = props.get("sources") or []
+    if props["resource_type"] != "model" or len(sources) != 1:
+        return None
+    lineage = shipped_lineage().get(sources[0][-1])
+    if lineage is None or props["name"] != staging_model_name(lineage.table):
+        return None
+    return lineage
+
+
+def dbt_contract(props: Mapping[str, Any]) -> dict[str, Any]:
+    """The data contract of a dbt node: ``meta.contract`` entries win; otherwise grain is the
+    description's first sentence, keys are the ``unique``-tested columns (each a key of its
+    own) or the ``unique_key`` config, semantics is the description and units are stated per
+    column. A staging model inherits grain and keys from its raw table, renamed."""
+    declared = _meta(props).get("contract")
+    declared = declared if isinstance(declared, Mapping) else {}
+    description = " ".join(props.get("description", "").split())
+    keys: list[list[str]] = [
+        [column] for column in _unique_tested_columns().get(props["unique_id"], ())
+    ]
+    unique_key = props.get("config", {}).get("unique_key")
+    if unique_key and props["resource_type"] == "snapshot":
+        keys = [["dbt_scd_id"], [*_as_list(unique_key), "dbt_valid_from"]]
+    elif unique_key and not keys:
+        keys = [_as_list(unique_key)]
+    grain = _first_sentence(description)
+    lineage = _staging_lineage(props)
+    if lineage is not None:
+        raw = raw_contract(lineage)
+        renames = lineage.staging_renames()
+        grain = f"{raw['grain']} (a view over raw {lineage.table})"
+        keys = [[renames[column][0] for column in key] for key in raw["keys"]]
+    contract: dict[str, Any] = {
+        "grain": declared.get("grain", grain),
+        "keys": declared.get("keys", keys),
+        "semantics": declared.get("semantics", description),
+        "enforced": bool(props.get("config", {}).get("contract", {}).get("enforced", False)),
+    }
+    units = declared.get("units", _stated_units(props))
+    if units:
+        contract["units"] = units
+    return contract
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def staging_column_lineage(lineage: TableLineage) -> dg.TableColumnLineage:
+    """Each staging column from the raw columns its select-list expression reads."""
+    upstream = warehouse_raw_key(lineage.table)
+    return dg.TableColumnLineage(
+        deps_by_column={
+            column: [dg.TableColumnDep(asset_key=upstream, column_name=raw) for raw in raws]
+            for column, raws in lineage.staging_sources.items()
+        }
+    )
+
+
 class StarvitDbtTranslator(DagsterDbtTranslator):
     """Keys per zone (``refined/patient``), groups per layer, owners from dbt ``meta.owner``."""
 
@@ -73,6 +190,11 @@ class StarvitDbtTranslator(DagsterDbtTranslator):
         metadata["dbt_docs"] = dg.MetadataValue.url(
             f"http://localhost:{DBT_DOCS_PORT}/#!/{resource_type}/{dbt_resource_props['unique_id']}"
         )
+        if resource_type in ("model", "seed", "snapshot"):
+            metadata["contract"] = dg.MetadataValue.json(dbt_contract(dbt_resource_props))
+        lineage = _staging_lineage(dbt_resource_props)
+        if lineage is not None:
+            metadata["dagster/column_lineage"] = staging_column_lineage(lineage)
         return metadata
 
 

@@ -31,6 +31,7 @@ from starvit_assets.lake.contracts import CONTRACTS, TableContract, validate_fil
 from starvit_assets.lake.filters import FilterError
 from starvit_assets.lake.gate import GateCounts, GateError, build_gate
 from starvit_assets.lake.partitions import PART_FILE
+from starvit_assets.lineage import shipped_lineage
 from starvit_assets.settings import StarvitSettings
 from starvit_assets.views.runner import shipped_views
 
@@ -111,7 +112,20 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             f"`{view['name']}` ViewDefinition; one immutable Parquet partition per export."
         ),
         check_specs=_check_specs(table),
-        metadata={"zone": "research", "contract": contract.describe()},
+        metadata={
+            "zone": "research",
+            "contract": {
+                **contract.describe(),
+                "keys": [[contract.key, "_export_id"]],
+                "semantics": (
+                    f"FHIR {resource_type} flattened by the `{view['name']}` ViewDefinition "
+                    "and de-identified by deid/policy.yaml (fhir_paths: the FHIRPath and "
+                    "method of each column); one immutable Parquet partition per export, "
+                    "published only when every blocking check passes."
+                ),
+            },
+            "fhir_paths": dg.MetadataValue.json(shipped_lineage()[table].fhir_paths()),
+        },
     )
     def _deid_table(
         context: dg.AssetExecutionContext, platform: PlatformResource

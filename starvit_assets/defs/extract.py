@@ -63,6 +63,19 @@ class FhirExportConfig(dg.Config):
     """Only resources changed since the last export's transactionTime (the stored watermark)."""
 
 
+def _export_contract(resource_type: str) -> dict[str, object]:
+    return {
+        "grain": f"one FHIR {resource_type} resource per NDJSON line, per export",
+        "keys": [[f"{resource_type}.id", "export_id"]],
+        "semantics": (
+            f"FHIR R4 {resource_type} resources as the source's Bulk Data $export returned "
+            "them (a full export, or the resources changed since the stored watermark); "
+            "identified PHI, kept only until de-identified. Dagster metadata holds counts, "
+            "file names and the transaction time only."
+        ),
+    }
+
+
 def _count_lines(path: Path) -> int:
     with path.open("rb") as handle:
         return sum(1 for line in handle if line.strip())
@@ -80,7 +93,11 @@ def _count_lines(path: Path) -> int:
             group_name=GROUP,
             kinds={"fhir", "ndjson"},
             skippable=True,
-            metadata={"zone": "phi", "resource_type": resource_type},
+            metadata={
+                "zone": "phi",
+                "resource_type": resource_type,
+                "contract": dg.MetadataValue.json(_export_contract(resource_type)),
+            },
         )
         for resource_type in RESOURCE_TYPES
     ],

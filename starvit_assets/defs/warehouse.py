@@ -1,25 +1,76 @@
-"""Warehouse raw zone: published Parquet partitions COPYed into ``sv_<env>_raw``."""
+"""Warehouse raw zone: published Parquet partitions COPYed into ``sv_<env>_raw``.
+
+Each table carries its data contract, the FHIRPath and de-identification method of every
+column (``fhir_paths``) and its column lineage from the lake partition it was loaded from
+(``dagster/column_lineage``), all derived from the ViewDefinition, the policy and the lake
+contract (``starvit_assets.lineage``).
+"""
 
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import pyarrow.parquet as pq
 
 from starvit_assets.defs.deid_raw import deid_asset_key
 from starvit_assets.defs.resources import PlatformResource
-from starvit_assets.views.runner import shipped_views
-from starvit_assets.warehouse.loader import LoadError
+from starvit_assets.lake.contracts import CONTRACTS, LINEAGE_COLUMNS
+from starvit_assets.lineage import TableLineage, shipped_lineage
+from starvit_assets.warehouse.loader import EXPORT_ID, LOADED_AT, LoadError
 
 GROUP = "warehouse_raw"
 ROWS_CHECK = "rows_match_lake"
+
+# Units a column's values are in, where the column is a measurement.
+RAW_UNITS: dict[str, dict[str, str]] = {
+    "observation": {"value_quantity": "UCUM unit of the row's value_unit_code (as recorded)"},
+}
 
 
 def warehouse_raw_key(table: str) -> dg.AssetKey:
     return dg.AssetKey([GROUP, table])
 
 
+def raw_contract(lineage: TableLineage) -> dict[str, Any]:
+    """The data contract of a warehouse raw table (docs/raw-tables.md is its prose form)."""
+    lake = CONTRACTS[lineage.table]
+    contract: dict[str, Any] = {
+        "grain": (
+            f"one row per {lineage.resource_type} resource version per export; the rows of "
+            "every loaded export accumulate"
+        ),
+        "keys": [[lake.key, EXPORT_ID]],
+        "required": [lake.key, *lake.required, *LINEAGE_COLUMNS],
+        "semantics": (
+            f"FHIR {lineage.resource_type} flattened by the `{lineage.table}` ViewDefinition "
+            "and de-identified by the policy (fhir_paths: the FHIRPath and method of each "
+            "column); FHIR dates stay strings with their original precision and offset; "
+            f"{LOADED_AT} is when the load wrote the row."
+        ),
+        "columns": [*lineage.published, *lineage.bookkeeping_columns],
+    }
+    units = RAW_UNITS.get(lineage.table)
+    if units:
+        contract["units"] = units
+    return contract
+
+
+def raw_column_lineage(lineage: TableLineage) -> dg.TableColumnLineage:
+    """Each loaded column from the same column of the published lake partition; the load's
+    own ``_loaded_at`` has no upstream column."""
+    upstream = deid_asset_key(lineage.table)
+    return dg.TableColumnLineage(
+        deps_by_column={
+            column: [dg.TableColumnDep(asset_key=upstream, column_name=column)]
+            for column in (*lineage.published, *LINEAGE_COLUMNS)
+        }
+    )
+
+
 def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
     key = warehouse_raw_key(table)
+    lineage = shipped_lineage()[table]
+    column_lineage = raw_column_lineage(lineage)
 
     @dg.asset(
         key=key,
@@ -30,6 +81,11 @@ def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
             f"Raw `{table}` table in the warehouse raw schema: every published lake partition, "
             "loaded with COPY, one transaction per partition; the dbt source of the staging layer."
         ),
+        metadata={
+            "contract": dg.MetadataValue.json(raw_contract(lineage)),
+            "fhir_paths": dg.MetadataValue.json(lineage.fhir_paths()),
+            "dagster/column_lineage": column_lineage,
+        },
         check_specs=[
             dg.AssetCheckSpec(
                 ROWS_CHECK,
@@ -80,10 +136,12 @@ def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
                 "rows": dg.MetadataValue.int(sum(after.values())),
                 "partitions_loaded": dg.MetadataValue.int(len(loaded)),
                 "dagster/relation_identifier": f"warehouse.{schema}.{table}",
+                # Dagster reads column lineage from materializations too.
+                "dagster/column_lineage": column_lineage,
             },
         )
 
     return _load
 
 
-WAREHOUSE_RAW_ASSETS = [build_warehouse_raw_asset(name) for name in sorted(shipped_views())]
+WAREHOUSE_RAW_ASSETS = [build_warehouse_raw_asset(name) for name in sorted(shipped_lineage())]

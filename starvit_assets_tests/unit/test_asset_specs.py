@@ -1,5 +1,6 @@
-"""Every asset spec, snapshotted: each change to keys, deps, groups, owners, kinds, tags or
-freshness shows in review. Regenerate with STARVIT_UPDATE_SNAPSHOTS=1 after a deliberate change."""
+"""Every asset spec, snapshotted: each change to keys, deps, groups, owners, kinds, tags,
+freshness, automation conditions or contract keys shows in review. Regenerate with
+STARVIT_UPDATE_SNAPSHOTS=1 after a deliberate change."""
 
 from __future__ import annotations
 
@@ -12,12 +13,43 @@ import dagster as dg
 import pytest
 
 from starvit_assets.definitions import ZONE_POLICIES, defs
+from starvit_assets.defs.automation import AUTOMATION_SENSOR
+from starvit_assets.defs.extract import GROUP as EXPORT_GROUP
 
 SNAPSHOT = Path(__file__).with_name("snapshots") / "asset_specs.json"
 
 
+def _plain(value: Any) -> Any:
+    """A metadata entry's value, whether the spec holds it raw or as a MetadataValue."""
+    return value.value if isinstance(value, dg.MetadataValue) else value
+
+
+def render_condition(condition: dg.AutomationCondition, top: bool = True) -> str:
+    """``AND(eager, NOT(in_progress), ...)``: labelled sub-conditions by their label."""
+    label = condition.get_label()
+    if label and not top:
+        return label
+    children = condition.children
+    if not children:
+        return condition.name
+    return f"{condition.name}({', '.join(render_condition(c, top=False) for c in children)})"
+
+
+def _freshness(policy: dg.FreshnessPolicy | None) -> str | None:
+    """``TimeWindowFreshnessPolicy(fail_window=30h, warn_window=26h)``."""
+    if policy is None:
+        return None
+    windows = []
+    for name in ("fail_window", "warn_window"):
+        window = getattr(policy, name, None)
+        if window is not None:
+            windows.append(f"{name}={window.to_timedelta().total_seconds() / 3600:g}h")
+    return f"{type(policy).__name__}({', '.join(windows)})"
+
+
 def _describe(spec: dg.AssetSpec) -> dict[str, Any]:
-    freshness = spec.freshness_policy
+    condition = spec.automation_condition
+    contract = _plain(spec.metadata.get("contract")) or {}
     return {
         "deps": sorted(dep.asset_key.to_user_string() for dep in spec.deps),
         "group": spec.group_name,
@@ -26,8 +58,12 @@ def _describe(spec: dg.AssetSpec) -> dict[str, Any]:
         "tags": dict(
             sorted((k, v) for k, v in spec.tags.items() if not k.startswith("dagster/kind/"))
         ),
-        "freshness": type(freshness).__name__ if freshness else None,
+        "freshness": _freshness(spec.freshness_policy),
+        "automation": None
+        if condition is None
+        else {"label": condition.get_label(), "condition": render_condition(condition)},
         "retention": spec.metadata.get("retention"),
+        "contract_keys": contract.get("keys", [[contract["key"]]] if "key" in contract else None),
     }
 
 
@@ -45,7 +81,7 @@ def test_asset_specs_match_the_snapshot() -> None:
 
 
 @pytest.mark.parametrize("key", sorted(_all_specs()))
-def test_every_asset_is_owned_grouped_described_kinded_and_watched(key: str) -> None:
+def test_every_asset_is_owned_grouped_described_kinded_watched_and_contracted(key: str) -> None:
     spec = _all_specs()[key]
     assert spec.owners, "no owner"
     assert spec.group_name in ZONE_POLICIES
@@ -53,6 +89,116 @@ def test_every_asset_is_owned_grouped_described_kinded_and_watched(key: str) -> 
     assert spec.description, "no description"
     assert isinstance(spec.freshness_policy, dg.FreshnessPolicy)
     assert spec.tags.get("starvit/zone") in {"phi", "research"}
+    assert spec.metadata.get("retention"), "no retention statement"
+    contract = _plain(spec.metadata.get("contract"))
+    assert isinstance(contract, dict), "no contract"
+    assert contract.get("grain"), "the contract states no grain"
+    keys = contract.get("keys") or ([[contract["key"]]] if contract.get("key") else [])
+    # Edges in the graph have no key, but its vertices do; every table has at least one key.
+    assert keys and all(isinstance(k, list) and k for k in keys), "the contract states no key"
+    # The semantics are stated in the contract or, failing that, by the asset's description.
+    assert contract.get("semantics") or spec.description
+
+
+def _top_level(condition: dg.AutomationCondition) -> list[dg.AutomationCondition]:
+    return list(condition.children) if condition.name == "AND" else [condition]
+
+
+@pytest.mark.parametrize("key", sorted(_all_specs()))
+def test_downstream_assets_are_automated_with_in_progress_guards(key: str) -> None:
+    spec = _all_specs()[key]
+    condition = spec.automation_condition
+    if spec.group_name == EXPORT_GROUP:
+        assert condition is None, "the exports run on schedules and sensors only"
+        return
+    assert condition is not None, "no automation condition"
+    assert condition.get_label(), "automation conditions are labelled for review"
+    top = _top_level(condition)
+    assert ~dg.AutomationCondition.in_progress() in top
+    assert ~dg.AutomationCondition.any_deps_in_progress() in top
+    assert ~dg.AutomationCondition.any_deps_missing() in top
+    assert dg.AutomationCondition.all_deps_blocking_checks_passed() in top
+
+
+def _requested(result: Any, graph: Any) -> list[str]:
+    return sorted(
+        key.to_user_string()
+        for key in graph.materializable_asset_keys
+        if result.get_num_requested(key)
+    )
+
+
+# Dagster's own tester selects with a beta parameter; the warning is not about this code.
+@pytest.mark.filterwarnings("ignore::dagster.BetaWarning")
+def test_an_export_pulls_its_chain_in_one_tick_once_and_a_failed_check_stops_it() -> None:
+    graph = defs.resolve_asset_graph()
+    with dg.DagsterInstance.ephemeral() as instance:
+        initial = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert initial.total_requested == 0, "nothing runs on the first evaluation"
+        # Everything materialized once, every check passed (as a full_lineage run leaves it).
+        for key in graph.materializable_asset_keys:
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+            for check in graph.get(key).check_keys:
+                instance.report_runless_asset_event(
+                    dg.AssetCheckEvaluation(asset_key=key, check_name=check.name, passed=True)
+                )
+        settled = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=initial.cursor
+        )
+        assert settled.total_requested == 0
+
+        # New Patient and Condition exports; the Condition export's blocking check failed.
+        for resource_type, passed in (("Patient", True), ("Condition", False)):
+            key = dg.AssetKey(["fhir", resource_type])
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+            instance.report_runless_asset_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=key, check_name="manifest_counts_match", passed=passed
+                )
+            )
+        tick = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=settled.cursor
+        )
+        # The whole Patient chain in the same tick (so one run), nothing of Condition's.
+        assert _requested(tick, graph) == [
+            "deid_raw/patient",
+            "derived/patient_age_bracket",
+            "derived/patient_features",
+            "graph/tigergraph_load",
+            "refined/patient",
+            "staging/stg_fhir__patient",
+            "warehouse_raw/patient",
+        ]
+        following = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=tick.cursor
+        )
+        assert following.total_requested == 0, "requested once, not again on the next tick"
+
+
+def test_the_automation_sensor_runs_by_default_over_every_automated_asset() -> None:
+    repository = defs.get_repository_def()
+    sensor = repository.get_sensor_def(AUTOMATION_SENSOR)
+    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    graph = defs.resolve_asset_graph()
+    automated = {
+        key for key in graph.materializable_asset_keys if graph.get(key).automation_condition
+    }
+    assert automated <= sensor.asset_selection.resolve(graph)
+    # Dagster adds no second, stopped default sensor beside it.
+    assert [s.name for s in repository.sensor_defs].count(AUTOMATION_SENSOR) == 1
+
+
+def test_the_schedule_and_the_sensors_start_exports_only() -> None:
+    repository = defs.get_repository_def()
+    graph = defs.resolve_asset_graph()
+    exports = {key for key in graph.materializable_asset_keys if key.path[0] == "fhir"}
+    schedule = repository.get_schedule_def("daily_full_lineage")
+    assert schedule.job_name == "fhir_exports"
+    for name in ("new_fhir_data", "medplum_subscription_events"):
+        assert repository.get_sensor_def(name).job_name == "fhir_exports"
+    job = defs.resolve_job_def("fhir_exports")
+    assert set(job.asset_layer.selected_asset_keys) == exports
 
 
 def test_the_lineage_is_one_connected_graph_from_fhir_to_the_graph_load() -> None:
