@@ -99,6 +99,10 @@ create table if not exists audit.manual_override (
 
 create or replace function audit.refuse_change() returns trigger language plpgsql as $$
 begin
+    -- Only the retention job may delete, and only what the six-year audit window has passed.
+    if tg_op = 'DELETE' and old.occurred_at < now() - interval '6 years' then
+        return old;
+    end if;
     raise exception 'audit.% is append-only', tg_table_name;
 end
 $$;

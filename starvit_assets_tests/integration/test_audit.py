@@ -236,6 +236,23 @@ def test_manual_overrides_are_append_only(dagster_dsn: str) -> None:
             connection.execute("delete from audit.manual_override")
 
 
+def test_manual_overrides_past_the_audit_window_may_be_pruned(dagster_dsn: str) -> None:
+    with psycopg.connect(dagster_dsn) as connection:
+        old_id, recent_id = (
+            connection.execute(
+                "insert into audit.manual_override (who, what, why, occurred_at) "
+                "values ('a', 'b', 'c', now() - %s::interval) returning override_id",
+                (age,),
+            ).fetchone()[0]  # type: ignore[index]
+            for age in ("6 years 1 day", "5 years")
+        )
+        connection.execute("delete from audit.manual_override where override_id = %s", (old_id,))
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            connection.execute(
+                "delete from audit.manual_override where override_id = %s", (recent_id,)
+            )
+
+
 def test_only_allowlisted_metadata_is_kept() -> None:
     texts, counts = allowlisted_metadata(
         {
