@@ -166,13 +166,14 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
                 )
             )
         policy = load_policy()
+        export_date = _export_date(export.transaction_time)
         gate = build_gate(
             table_name=table,
             view=view,
-            backend=platform.deid_backend(policy, _export_date(export.transaction_time)),
+            backend=platform.deid_backend(policy, export_date),
             policy=policy,
             key=settings.key,
-            export_date=_export_date(export.transaction_time),
+            export_date=export_date,
         )
         try:
             result = gate.run(

@@ -105,14 +105,10 @@ def pandera_schema(
     return pa_schema.DataFrameSchema(columns, strict=True, coerce=False)
 
 
-def validate(contract: TableContract, table: pa.Table) -> list[str]:
-    """Contract failures as 'column: check (n rows)' strings; empty when the table conforms."""
-    return [f"{name} ({count} rows)" for name, count in _failure_counts(contract, table).items()]
-
-
 def validate_file(contract: TableContract, path: Path, batch_rows: int = 50_000) -> list[str]:
-    """``validate`` over a Parquet file batch by batch: memory stays bounded by one batch (and
-    the key column, read alone for uniqueness across the whole file)."""
+    """Contract failures of a Parquet file as 'column: check (n rows)' strings; empty when it
+    conforms. Read batch by batch: memory stays bounded by one batch (and the key column, read
+    alone for uniqueness across the whole file)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
