@@ -95,6 +95,25 @@ class StarvitSettings(BaseSettings):
     k_anonymity_threshold: int = Field(
         default=5, ge=2, description="Smallest acceptable class size on the quasi-identifiers"
     )
+    tigergraph_host: str | None = Field(
+        default=None,
+        description="TigerGraph URL (http://host:14240); when unset loading-job files are written",
+    )
+    tigergraph_graph: str = Field(default="starvit", description="TigerGraph graph name")
+    tigergraph_username: str = Field(default="tigergraph", description="TigerGraph user")
+    tigergraph_password: SecretStr | None = Field(default=None, description="TigerGraph password")
+    tigergraph_secret: SecretStr | None = Field(
+        default=None, description="GSQL secret a RESTPP token is requested with"
+    )
+    tigergraph_token: SecretStr | None = Field(
+        default=None, description="RESTPP token already issued (instead of a secret)"
+    )
+    tigergraph_batch_size: int = Field(
+        default=500, ge=1, description="Vertices or edges per RESTPP upsert request"
+    )
+    tigergraph_max_attempts: int = Field(
+        default=5, ge=1, description="Attempts per RESTPP request on transient errors"
+    )
 
     @model_validator(mode="after")
     def _absolute_home(self) -> StarvitSettings:

@@ -1,0 +1,328 @@
+"""Where the graph goes: loading-job files (the embedded default) or TigerGraph over RESTPP.
+
+Both loaders take the same :class:`GraphData` and return a :class:`LoadReport` with what was
+loaded and what the target holds afterwards, per vertex and edge type, so that one
+reconciliation (:func:`reconcile`) covers both.
+
+The RESTPP loader upserts through pyTigerGraph in batches. Upserts are idempotent (a vertex
+by its primary id, an edge by its endpoints and discriminator), which is what makes retrying
+a batch after a transient error, and re-running a whole load, safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import requests
+from pydantic import SecretStr
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from starvit_assets.graph.files import count_csv_rows, write_loading_files
+from starvit_assets.graph.schema import (
+    EDGE_SEGMENTS,
+    EDGE_TYPES,
+    GRAPH_NAME,
+    VERTEX_TYPES,
+    EdgeSegment,
+    GraphData,
+    Row,
+    VertexType,
+    per_type,
+)
+from starvit_assets.settings import StarvitSettings
+
+logger = logging.getLogger("starvit.graph")
+
+DEFAULT_BATCH_SIZE = 500
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_MESSAGE = 300
+
+T = TypeVar("T")
+
+
+class GraphLoadError(Exception):
+    """A load failed; the message names the step, the HTTP status and TigerGraph's error."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    target: str  # "files" or "tigergraph"
+    location: str  # folder, or host and graph (never credentials)
+    loaded: dict[str, int]  # per type: rows written, or upserts accepted
+    in_target: dict[str, int]  # per type: rows read back, or the graph's own count
+    batches: int = 0
+    attempts: int = 0  # requests sent, retries included
+    segments: dict[str, int] = field(default_factory=dict)
+
+
+class GraphLoader(Protocol):
+    def load(self, graph: GraphData) -> LoadReport: ...
+
+
+def reconcile(expected: dict[str, int], report: LoadReport) -> list[str]:
+    """Every way the load differs from the source rows; empty when it reconciles."""
+    problems = []
+    for name, want in expected.items():
+        loaded, held = report.loaded.get(name, 0), report.in_target.get(name, 0)
+        if loaded != want:
+            problems.append(f"{name}: {want} source rows, {loaded} loaded")
+        if held != want:
+            problems.append(f"{name}: {want} source rows, {held} in the {report.target} target")
+    return problems
+
+
+class FileGraphLoader:
+    def __init__(self, out_dir: Path, graph_name: str = GRAPH_NAME) -> None:
+        self.out_dir = out_dir
+        self.graph_name = graph_name
+
+    def load(self, graph: GraphData) -> LoadReport:
+        written = write_loading_files(graph, self.out_dir, self.graph_name)
+        on_disk = count_csv_rows(self.out_dir)
+        return LoadReport(
+            target="files",
+            location=str(self.out_dir),
+            loaded=_per_type(written),
+            in_target=_per_type(on_disk),
+            segments=on_disk,
+        )
+
+
+def _per_type(file_counts: dict[str, int]) -> dict[str, int]:
+    vertices = {vertex.name: file_counts.get(vertex.name, 0) for vertex in VERTEX_TYPES}
+    return {**vertices, **per_type(file_counts)}
+
+
+@dataclass(frozen=True)
+class TigerGraphConfig:
+    host: str  # with scheme and, unless the default ports, the port: http://tg:14240
+    graph_name: str = GRAPH_NAME
+    username: str = "tigergraph"
+    password: str = ""
+    secret: str = ""  # a GSQL secret: a RESTPP token is requested with it
+    api_token: str = ""  # a token already issued
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_attempts: int = 5
+    retry_wait_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise GraphLoadError("the TigerGraph batch size must be at least 1")
+
+
+class RestppGraphLoader:
+    """Upserts through pyTigerGraph: vertices first, then edges with vertex_must_exist."""
+
+    def __init__(self, config: TigerGraphConfig) -> None:
+        self.config = config
+        self._attempts = 0
+        self._last_status: int | None = None
+
+    def load(self, graph: GraphData) -> LoadReport:
+        self._attempts = 0
+        connection = self._connect()
+        try:
+            loaded: dict[str, int] = {}
+            batches = 0
+            for vertex in VERTEX_TYPES:
+                loaded[vertex.name] = 0
+                for number, batch in _batches(graph.vertex_rows(vertex), self.config.batch_size):
+                    vertices = [_vertex_upsert(vertex, row) for row in batch]
+                    loaded[vertex.name] += self._call(
+                        f"upsert of {vertex.name} vertices (batch {number})",
+                        partial(connection.upsertVertices, vertex.name, vertices),
+                    )
+                    batches += 1
+            segments: dict[str, int] = {}
+            for segment in EDGE_SEGMENTS:
+                segments[segment.name] = 0
+                for number, batch in _batches(graph.segment_rows(segment), self.config.batch_size):
+                    edges = [_edge_upsert(segment, row) for row in batch]
+                    segments[segment.name] += self._call(
+                        f"upsert of {segment.name} edges (batch {number})",
+                        partial(
+                            connection.upsertEdges,
+                            segment.from_vertex,
+                            segment.edge.name,
+                            segment.to_vertex,
+                            edges,
+                            vertexMustExist=True,
+                        ),
+                    )
+                    batches += 1
+            loaded.update(per_type(segments))
+            in_target = self._counts(connection)
+        finally:
+            connection.close()
+        return LoadReport(
+            target="tigergraph",
+            location=f"{self.config.host} graph {self.config.graph_name}",
+            loaded=loaded,
+            in_target=in_target,
+            batches=batches,
+            attempts=self._attempts,
+            segments=segments,
+        )
+
+    def _counts(self, connection: Any) -> dict[str, int]:
+        """The graph's own counts (RESTPP builtins stat_vertex_number / stat_edge_number)."""
+        vertex_counts = self._call("vertex count", partial(connection.getVertexCount, "*"))
+        counts = {vertex.name: int(vertex_counts.get(vertex.name, 0)) for vertex in VERTEX_TYPES}
+        for edge in EDGE_TYPES:
+            counts[edge.name] = int(
+                self._call(f"{edge.name} edge count", partial(connection.getEdgeCount, edge.name))
+            )
+        return counts
+
+    def _connect(self) -> Any:
+        from pyTigerGraph import TigerGraphConnection
+
+        recorder = self
+
+        class StatusRecordingConnection(TigerGraphConnection):
+            # pyTigerGraph turns a JSON error body into TigerGraphException without the HTTP
+            # status; the status decides whether a retry can help, so note it per response.
+            def _do_request(self, *args: Any, **kwargs: Any) -> requests.Response:
+                response: requests.Response = super()._do_request(*args, **kwargs)
+                recorder._last_status = response.status_code
+                return response
+
+        config = self.config
+        try:
+            with _keep_excepthook():
+                connection = StatusRecordingConnection(
+                    host=config.host,
+                    graphname=config.graph_name,
+                    username=config.username,
+                    password=config.password,
+                    apiToken=config.api_token,
+                )
+        except Exception as error:
+            raise GraphLoadError(f"TigerGraph connection settings: {_describe(error)}") from None
+        if config.secret and not config.api_token:
+            self._call(
+                "token request",
+                lambda: connection.getToken(config.secret, is_global=False),
+            )
+        return connection
+
+    def _call(self, step: str, request: Callable[[], T]) -> T:
+        tries = 0
+
+        def attempt() -> T:
+            nonlocal tries
+            tries += 1
+            self._attempts += 1
+            self._last_status = None
+            return request()
+
+        retrying = Retrying(
+            stop=stop_after_attempt(max(1, self.config.max_attempts)),
+            wait=wait_exponential(multiplier=self.config.retry_wait_seconds, max=30),
+            retry=retry_if_exception(self._is_transient),
+            reraise=True,
+            before_sleep=lambda state: logger.warning(
+                "TigerGraph %s: HTTP %s; retrying (attempt %d)",
+                step,
+                self._last_status or "error",
+                state.attempt_number,
+            ),
+        )
+        try:
+            return retrying(attempt)
+        except Exception as error:
+            status = self._status(error)
+            where = f"HTTP {status}" if status else "no HTTP response"
+            raise GraphLoadError(
+                f"TigerGraph {step} at {self.config.host} failed ({where}) after "
+                f"{tries} attempt(s): {_describe(error)}"
+            ) from None
+
+    def _status(self, error: BaseException) -> int | None:
+        response = getattr(error, "response", None)
+        status = getattr(response, "status_code", None)
+        return int(status) if status is not None else self._last_status
+
+    def _is_transient(self, error: BaseException) -> bool:
+        if isinstance(error, requests.ConnectionError | requests.Timeout):
+            return True
+        return self._status(error) in TRANSIENT_STATUSES
+
+
+def _describe(error: BaseException) -> str:
+    """The error's class, TigerGraph's code and message; never a request body."""
+    code = getattr(error, "code", None)
+    message = getattr(error, "message", None) or str(error)
+    if isinstance(error, requests.RequestException):
+        # requests puts the URL in its messages; the URL carries no data, but keep it short.
+        message = type(error).__name__
+    text = f"{type(error).__name__}" + (f" {code}" if code else "") + f": {message}"
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _batches(rows: Sequence[Row], size: int) -> Iterator[tuple[int, Sequence[Row]]]:
+    for start in range(0, len(rows), size):
+        yield start // size + 1, rows[start : start + size]
+
+
+def _vertex_upsert(vertex: VertexType, row: Row) -> tuple[object, dict[str, object]]:
+    primary_id, *values = row
+    attributes = dict(zip((a.name for a in vertex.attributes), values, strict=True))
+    return primary_id, _present(attributes)
+
+
+def _edge_upsert(segment: EdgeSegment, row: Row) -> tuple[object, object, dict[str, object]]:
+    source, target, *values = row
+    attributes = dict(zip((a.name for a in segment.edge.edge_attributes), values, strict=True))
+    return source, target, _present(attributes)
+
+
+def _present(attributes: dict[str, object]) -> dict[str, object]:
+    # TigerGraph has no null: an attribute left out takes its type's default, as an empty
+    # CSV field does in the loading job.
+    return {name: value for name, value in attributes.items() if value is not None}
+
+
+class _keep_excepthook:
+    """pyTigerGraph's constructor replaces sys.excepthook (it prints only the message) unless
+    debug is set; the platform keeps Python's own."""
+
+    def __enter__(self) -> None:
+        self._hook = sys.excepthook
+        self._had_limit = hasattr(sys, "tracebacklimit")
+        self._limit = getattr(sys, "tracebacklimit", None)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.excepthook = self._hook
+        if self._had_limit:
+            sys.tracebacklimit = self._limit
+        elif hasattr(sys, "tracebacklimit"):
+            del sys.tracebacklimit
+
+
+def graph_loader(settings: StarvitSettings) -> FileGraphLoader | RestppGraphLoader:
+    """RESTPP when STARVIT_TIGERGRAPH_HOST is set, loading-job files under graph_dir otherwise."""
+    if not settings.tigergraph_host:
+        return FileGraphLoader(settings.graph_dir / "load", settings.tigergraph_graph)
+
+    def secret(value: SecretStr | None) -> str:
+        return value.get_secret_value() if value is not None else ""
+
+    return RestppGraphLoader(
+        TigerGraphConfig(
+            host=settings.tigergraph_host,
+            graph_name=settings.tigergraph_graph,
+            username=settings.tigergraph_username,
+            password=secret(settings.tigergraph_password),
+            secret=secret(settings.tigergraph_secret),
+            api_token=secret(settings.tigergraph_token),
+            batch_size=settings.tigergraph_batch_size,
+            max_attempts=settings.tigergraph_max_attempts,
+        )
+    )
