@@ -228,9 +228,9 @@ class RestppGraphLoader:
             retry=retry_if_exception(self._is_transient),
             reraise=True,
             before_sleep=lambda state: logger.warning(
-                "TigerGraph %s: HTTP %s; retrying (attempt %d)",
+                "TigerGraph %s: %s; retrying (attempt %d)",
                 step,
-                self._last_status or "error",
+                f"HTTP {self._last_status}" if self._last_status else "no HTTP response",
                 state.attempt_number,
             ),
         )
@@ -259,9 +259,12 @@ def _describe(error: BaseException) -> str:
     """The error's class, TigerGraph's code and message; never a request body."""
     code = getattr(error, "code", None)
     message = getattr(error, "message", None) or str(error)
-    if isinstance(error, requests.RequestException):
-        # requests puts the URL in its messages; the URL carries no data, but keep it short.
-        message = type(error).__name__
+    if isinstance(error, requests.Timeout):
+        message = "timed out"
+    elif isinstance(error, requests.ConnectionError):
+        message = "could not connect"
+    elif isinstance(error, requests.RequestException):
+        message = f"HTTP error {getattr(error.response, 'status_code', '')}".strip()
     text = f"{type(error).__name__}" + (f" {code}" if code else "") + f": {message}"
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 

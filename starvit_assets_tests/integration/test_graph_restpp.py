@@ -1,0 +1,221 @@
+"""The RESTPP loader through the real pyTigerGraph, over HTTP, against the local endpoint."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from starvit_assets.graph.loader import (
+    GraphLoadError,
+    RestppGraphLoader,
+    TigerGraphConfig,
+    graph_loader,
+    reconcile,
+)
+from starvit_assets.graph.schema import EDGE_TYPES, GraphData, schema_gsql
+from starvit_assets.settings import StarvitSettings
+from starvit_assets_tests.fakes.tigergraph_endpoint import FakeTigerGraphEndpoint
+from starvit_assets_tests.unit.test_graph_files import sample_graph
+
+pytestmark = pytest.mark.integration
+
+SECRET = "s3cr3t-for-tests"
+
+
+@pytest.fixture
+def endpoint() -> Iterator[FakeTigerGraphEndpoint]:
+    with FakeTigerGraphEndpoint(schema_gsql(), secret=SECRET, require_token=True) as fake:
+        yield fake
+
+
+def loader(endpoint: FakeTigerGraphEndpoint, **overrides: object) -> RestppGraphLoader:
+    settings: dict[str, object] = {
+        "host": endpoint.url,
+        "secret": SECRET,
+        "batch_size": 2,
+        "retry_wait_seconds": 0.0,
+        **overrides,
+    }
+    return RestppGraphLoader(TigerGraphConfig(**settings))  # type: ignore[arg-type]
+
+
+def upserts(endpoint: FakeTigerGraphEndpoint) -> list[tuple[int, int, int]]:
+    return [
+        (r.status, r.vertices, r.edges)
+        for r in endpoint.requests
+        if r.path == "/restpp/graph/starvit"
+    ]
+
+
+def test_load_upserts_in_batches_and_reconciles(endpoint: FakeTigerGraphEndpoint) -> None:
+    graph = sample_graph()
+
+    report = loader(endpoint).load(graph)
+
+    assert reconcile(graph.counts(), report) == []
+    assert report.loaded == report.in_target == graph.counts()
+    # Two patients in one batch of two; every other type in one batch each; empty types none.
+    assert [v for _, v, _ in upserts(endpoint) if v] == [2, 1, 1, 1]
+    assert report.batches == len(upserts(endpoint)) == 4 + 4
+    assert endpoint.requests[0].path == "/gsql/v1/tokens"
+    # Two conditions of one patient with one code stay two edges (the discriminator).
+    assert endpoint.edge_count("has_condition") == 2
+    assert endpoint.vertex("Patient", "p2") == {
+        "gender": "male",
+        "age_bracket": "90+",
+        "weight_category": "",  # no null in TigerGraph: the STRING default
+    }
+    ((key, observation),) = endpoint.edges_of("has_observation")[:1]
+    assert key[:5] == ("has_observation", "Encounter", "e1", "ObservationType", "29463-7")
+    assert observation == {
+        "observation_id": "o1",
+        "effective_at": "2020-01-01 09:10:00",
+        "value": 70.5,
+        "unit": "kg",
+    }
+    assert sys.excepthook is sys.__excepthook__
+
+
+def test_batches_follow_the_configured_size(endpoint: FakeTigerGraphEndpoint) -> None:
+    graph = GraphData(vertices={"Patient": [(f"p{i}", "female", None, None) for i in range(7)]})
+
+    report = loader(endpoint, batch_size=3).load(graph)
+
+    assert [v for _, v, _ in upserts(endpoint)] == [3, 3, 1]
+    assert report.loaded["Patient"] == report.in_target["Patient"] == 7
+
+
+def test_reloading_is_idempotent_and_updates_in_place(endpoint: FakeTigerGraphEndpoint) -> None:
+    graph = sample_graph()
+    first = loader(endpoint).load(graph)
+    graph.vertices["Patient"][0] = ("p1", "female", "40-49", "overweight")
+
+    second = loader(endpoint).load(graph)
+
+    assert second.in_target == first.in_target == graph.counts()
+    assert second.loaded == graph.counts()
+    assert endpoint.vertex("Patient", "p1") == {
+        "gender": "female",
+        "age_bracket": "40-49",
+        "weight_category": "overweight",
+    }
+
+
+@pytest.mark.parametrize("json_body", [True, False], ids=["tigergraph-error", "proxy-html"])
+def test_transient_errors_are_retried(endpoint: FakeTigerGraphEndpoint, json_body: bool) -> None:
+    graph = sample_graph()
+    endpoint.fail_next(2, status=503, json_body=json_body)
+
+    report = loader(endpoint).load(graph)
+
+    assert reconcile(graph.counts(), report) == []
+    assert [status for status, _, _ in upserts(endpoint)][:3] == [503, 503, 200]
+    # batches, the two retries, the token, one vertex count and one count per edge type
+    assert report.attempts == report.batches + 2 + 1 + 1 + len(EDGE_TYPES)
+
+
+def test_persistent_errors_fail_with_status_and_step(endpoint: FakeTigerGraphEndpoint) -> None:
+    endpoint.fail_next(3, status=502, json_body=False)
+
+    with pytest.raises(GraphLoadError) as raised:
+        loader(endpoint, max_attempts=3).load(sample_graph())
+
+    message = str(raised.value)
+    assert "upsert of Patient vertices (batch 1)" in message
+    assert "HTTP 502" in message
+    assert "after 3 attempt(s)" in message
+    assert "p1" not in message and SECRET not in message
+
+
+def test_a_refused_payload_is_not_retried(endpoint: FakeTigerGraphEndpoint) -> None:
+    graph = sample_graph()
+    graph.edges["has_encounter"] = [("p1", "e1", "1 January 2020", None)]
+
+    with pytest.raises(GraphLoadError) as raised:
+        loader(endpoint).load(graph)
+
+    message = str(raised.value)
+    assert "upsert of has_encounter edges (batch 1)" in message
+    assert "HTTP 400" in message and "after 1 attempt(s)" in message
+    assert "REST-30000" in message
+
+
+def test_edges_to_missing_vertices_are_skipped_and_fail_reconciliation(
+    endpoint: FakeTigerGraphEndpoint,
+) -> None:
+    graph = sample_graph()
+    graph.edges["has_condition"].append(("p-unknown", "38341003", "c3", None, None))
+
+    report = loader(endpoint).load(graph)
+
+    assert report.loaded["has_condition"] == report.in_target["has_condition"] == 2
+    assert endpoint.vertex("Patient", "p-unknown") is None
+    assert reconcile(graph.counts(), report) == [
+        "has_condition: 3 source rows, 2 loaded",
+        "has_condition: 3 source rows, 2 in the tigergraph target",
+    ]
+
+
+def test_a_stale_vertex_left_from_an_earlier_load_fails_reconciliation(
+    endpoint: FakeTigerGraphEndpoint,
+) -> None:
+    graph = sample_graph()
+    loader(endpoint).load(graph)
+    del graph.vertices["Patient"][1]
+    graph.edges["has_observation_from_Patient"] = []
+
+    report = loader(endpoint).load(graph)
+
+    assert "Patient: 1 source rows, 2 in the tigergraph target" in reconcile(graph.counts(), report)
+
+
+def test_username_and_password_mint_a_token_when_restpp_asks_for_one() -> None:
+    schema = schema_gsql()
+    with FakeTigerGraphEndpoint(schema, password="pw", require_token=True) as endpoint:
+        report = loader(endpoint, secret="", username="tigergraph", password="pw").load(
+            sample_graph()
+        )
+        statuses = [(r.path, r.status) for r in endpoint.requests[:3]]
+
+    assert reconcile(sample_graph().counts(), report) == []
+    assert statuses == [
+        ("/restpp/graph/starvit", 401),
+        ("/gsql/v1/tokens", 200),
+        ("/restpp/graph/starvit", 200),
+    ]
+
+
+def test_tigergraph_3_token_endpoint_is_used_when_the_4_endpoint_is_absent() -> None:
+    with FakeTigerGraphEndpoint(
+        schema_gsql(), version="3.10.1", secret=SECRET, require_token=True
+    ) as endpoint:
+        report = loader(endpoint).load(sample_graph())
+        paths = [(r.path, r.status) for r in endpoint.requests[:2]]
+
+    assert paths == [("/gsql/v1/tokens", 404), ("/restpp/requesttoken", 200)]
+    assert reconcile(sample_graph().counts(), report) == []
+
+
+def test_a_wrong_secret_is_a_clear_error(endpoint: FakeTigerGraphEndpoint) -> None:
+    with pytest.raises(GraphLoadError) as raised:
+        loader(endpoint, secret="wrong").load(sample_graph())
+
+    assert "token request" in str(raised.value)
+    assert "wrong" not in str(raised.value)
+
+
+def test_settings_choose_the_loader(tmp_path: object) -> None:
+    files = graph_loader(StarvitSettings(home=tmp_path))  # type: ignore[arg-type]
+    restpp = graph_loader(
+        StarvitSettings(
+            home=tmp_path,  # type: ignore[arg-type]
+            tigergraph_host="http://tg.example.org:14240",
+            tigergraph_secret="x",  # type: ignore[arg-type]
+            tigergraph_batch_size=50,
+        )
+    )
+    assert type(files).__name__ == "FileGraphLoader"
+    assert isinstance(restpp, RestppGraphLoader)
+    assert restpp.config.batch_size == 50 and restpp.config.secret == "x"
