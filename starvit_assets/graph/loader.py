@@ -172,7 +172,9 @@ class RestppGraphLoader:
 
     def _counts(self, connection: Any) -> dict[str, int]:
         """The graph's own counts (RESTPP builtins stat_vertex_number / stat_edge_number)."""
-        vertex_counts = self._call("vertex count", partial(connection.getVertexCount, "*"))
+        vertex_counts = self._call(
+            "vertex count", partial(connection.getVertexCount, "*", realtime=True)
+        )
         counts = {vertex.name: int(vertex_counts.get(vertex.name, 0)) for vertex in VERTEX_TYPES}
         for edge in EDGE_TYPES:
             counts[edge.name] = int(

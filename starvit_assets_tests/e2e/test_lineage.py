@@ -344,15 +344,42 @@ def test_pseudonymised_patient_ids_join_across_tables(lineage: Lineage) -> None:
 
 def test_graph_vertices_reconcile_with_the_feature_table(lineage: Lineage) -> None:
     from starvit_assets.graph.files import count_csv_rows
+    from starvit_assets.graph.schema import VERTEX_TYPES, per_type
     from starvit_assets.settings import load_settings
 
-    derived = load_settings().schema_name("derived")
+    settings = load_settings()
+    derived, refined = settings.schema_name("derived"), settings.schema_name("refined")
+    loinc = "code_system = 'loinc' and code is not null"
+    source_counts = {
+        "Patient": (derived, "patient_features", "count(*)", "true"),
+        "Encounter": (refined, "encounter", "count(*)", "true"),
+        "Condition": (refined, "condition", "count(distinct snomed_code)", "true"),
+        "Medication": (refined, "medication_request", "count(distinct rxnorm_code)", "true"),
+        "ObservationType": (refined, "observation", "count(distinct code)", loinc),
+        "has_encounter": (refined, "encounter", "count(*)", "true"),
+        "has_condition": (refined, "condition", "count(*)", "snomed_code is not null"),
+        "prescribed": (refined, "medication_request", "count(*)", "rxnorm_code is not null"),
+        "has_observation": (refined, "observation", "count(*)", loinc),
+    }
+    expected = {}
     with psycopg.connect(lineage.warehouse_dsn) as connection:
-        features = connection.execute(
-            sql.SQL("select count(*) from {}").format(sql.Identifier(derived, "patient_features"))
-        ).fetchone()
-    assert features == (ALL_PATIENTS,)
-    assert count_csv_rows(lineage.home / "graph" / "load")["Patient"] == ALL_PATIENTS
+        for name, (schema, table, aggregate, where) in source_counts.items():
+            row = connection.execute(
+                sql.SQL("select " + aggregate + " from {} where " + where).format(
+                    sql.Identifier(schema, table)
+                )
+            ).fetchone()
+            assert row is not None
+            expected[name] = row[0]
+    files = count_csv_rows(lineage.home / "graph" / "load")
+    on_disk = {vertex.name: files[vertex.name] for vertex in VERTEX_TYPES} | per_type(files)
+
+    assert expected["Patient"] == ALL_PATIENTS
+    assert on_disk == expected
+    assert all(expected.values()), expected
+    # Observations hang off their encounters; the planted one names none, so its patient.
+    assert files["has_observation_from_Encounter"] > 0
+    assert files["has_observation_from_Patient"] >= 1
 
 
 def _latest(observations: list[dict], loinc: str) -> dict | None:
