@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import pyarrow.parquet as pq
 import pytest
@@ -380,6 +381,41 @@ def test_graph_vertices_reconcile_with_the_feature_table(lineage: Lineage) -> No
     # Observations hang off their encounters; the planted one names none, so its patient.
     assert files["has_observation_from_Encounter"] > 0
     assert files["has_observation_from_Patient"] >= 1
+
+
+def test_graph_load_upserts_the_same_counts_into_tigergraph_over_restpp(
+    lineage: Lineage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph asset again, now with a TigerGraph configured: real pyTigerGraph, real
+    HTTP, the local RESTPP endpoint; it must hold what the loading files hold."""
+    from starvit_assets.demo import materialize_all
+    from starvit_assets.graph.files import count_csv_rows
+    from starvit_assets.graph.schema import EDGE_TYPES, VERTEX_TYPES, per_type, schema_gsql
+    from starvit_assets.settings import load_settings
+    from starvit_assets_tests.fakes.tigergraph_endpoint import FakeTigerGraphEndpoint
+
+    files = count_csv_rows(lineage.home / "graph" / "load")
+    expected = {vertex.name: files[vertex.name] for vertex in VERTEX_TYPES} | per_type(files)
+    secret = "e2e-tigergraph-secret"
+    with FakeTigerGraphEndpoint(schema_gsql(), secret=secret, require_token=True) as endpoint:
+        monkeypatch.setenv("STARVIT_TIGERGRAPH_HOST", endpoint.url)
+        monkeypatch.setenv("STARVIT_TIGERGRAPH_SECRET", secret)
+        monkeypatch.setenv("STARVIT_TIGERGRAPH_BATCH_SIZE", "40")
+        endpoint.fail_next(1, status=503)
+        summary = materialize_all(
+            load_settings(), asset_keys=[dg.AssetKey(["graph", "tigergraph_load"])]
+        )
+        held = {vertex.name: endpoint.vertex_count(vertex.name) for vertex in VERTEX_TYPES} | {
+            edge.name: endpoint.edge_count(edge.name) for edge in EDGE_TYPES
+        }
+        upserts = [r for r in endpoint.requests if r.path == "/restpp/graph/starvit"]
+
+    assert summary.success, summary.failed_steps  # type: ignore[attr-defined]
+    assert summary.checks_passed == ["graph/tigergraph_load:counts_reconcile"]  # type: ignore[attr-defined]
+    assert held == expected
+    assert upserts[0].status == 503 and upserts[1].status == 200
+    assert max(r.vertices + r.edges for r in upserts) <= 40
+    assert files == count_csv_rows(lineage.home / "graph" / "load")  # the files stay as they were
 
 
 def _latest(observations: list[dict], loinc: str) -> dict | None:
