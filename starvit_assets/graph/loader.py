@@ -26,7 +26,6 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from starvit_assets.graph.files import count_csv_rows, write_loading_files
 from starvit_assets.graph.schema import (
     EDGE_SEGMENTS,
-    EDGE_TYPES,
     GRAPH_NAME,
     VERTEX_TYPES,
     EdgeSegment,
@@ -171,16 +170,28 @@ class RestppGraphLoader:
         )
 
     def _counts(self, connection: Any) -> dict[str, int]:
-        """The graph's own counts (RESTPP builtins stat_vertex_number / stat_edge_number)."""
+        """The graph's own counts (RESTPP builtins stat_vertex_number / stat_edge_number),
+        edges per (FROM, TO) pair."""
         vertex_counts = self._call(
             "vertex count", partial(connection.getVertexCount, "*", realtime=True)
         )
         counts = {vertex.name: int(vertex_counts.get(vertex.name, 0)) for vertex in VERTEX_TYPES}
-        for edge in EDGE_TYPES:
-            counts[edge.name] = int(
-                self._call(f"{edge.name} edge count", partial(connection.getEdgeCount, edge.name))
+        segments = {}
+        for segment in EDGE_SEGMENTS:
+            result = self._call(
+                f"{segment.name} edge count",
+                partial(
+                    connection.getEdgeCount,
+                    segment.edge.name,
+                    segment.from_vertex,
+                    segment.to_vertex,
+                ),
             )
-        return counts
+            # pyTigerGraph returns a bare number for one result row, a dict for several.
+            if isinstance(result, dict):
+                result = result.get(segment.edge.name, 0)
+            segments[segment.name] = int(result)
+        return counts | per_type(segments)
 
     def _connect(self) -> Any:
         from pyTigerGraph import TigerGraphConnection

@@ -549,15 +549,18 @@ class FakeTigerGraphEndpoint:
                 names = list(forward) if kind == "*" else [kind]
                 if any(name not in forward for name in names):
                     raise ApiError(400, f"Unknown edge type {kind!r}.")
-                return self._envelope(
-                    [
-                        {
-                            "e_type": name,
-                            "count": sum(1 for k in self._state.edges if k[0] == forward[name]),
-                        }
-                        for name in names
-                    ]
-                )
+                source, target = request.get("from_type"), request.get("to_type")
+
+                def count(name: str) -> int:
+                    return sum(
+                        1
+                        for k in self._state.edges
+                        if k[0] == forward[name]
+                        and source in (None, k[1])
+                        and target in (None, k[3])
+                    )
+
+                return self._envelope([{"e_type": name, "count": count(name)} for name in names])
         raise ApiError(400, f"Unknown builtin function {function!r}.")
 
 

@@ -14,7 +14,7 @@ from starvit_assets.graph.loader import (
     graph_loader,
     reconcile,
 )
-from starvit_assets.graph.schema import EDGE_TYPES, GraphData, schema_gsql
+from starvit_assets.graph.schema import EDGE_SEGMENTS, GraphData, schema_gsql
 from starvit_assets.settings import StarvitSettings
 from starvit_assets_tests.fakes.tigergraph_endpoint import FakeTigerGraphEndpoint
 from starvit_assets_tests.unit.test_graph_files import sample_graph
@@ -51,6 +51,7 @@ def upserts(endpoint: FakeTigerGraphEndpoint) -> list[tuple[int, int, int]]:
 
 def test_load_upserts_in_batches_and_reconciles(endpoint: FakeTigerGraphEndpoint) -> None:
     graph = sample_graph()
+    hook_before = sys.excepthook
 
     report = loader(endpoint).load(graph)
 
@@ -75,7 +76,7 @@ def test_load_upserts_in_batches_and_reconciles(endpoint: FakeTigerGraphEndpoint
         "value": 70.5,
         "unit": "kg",
     }
-    assert sys.excepthook is sys.__excepthook__
+    assert sys.excepthook is hook_before
 
 
 def test_batches_follow_the_configured_size(endpoint: FakeTigerGraphEndpoint) -> None:
@@ -112,8 +113,8 @@ def test_transient_errors_are_retried(endpoint: FakeTigerGraphEndpoint, json_bod
 
     assert reconcile(graph.counts(), report) == []
     assert [status for status, _, _ in upserts(endpoint)][:3] == [503, 503, 200]
-    # batches, the two retries, the token, one vertex count and one count per edge type
-    assert report.attempts == report.batches + 2 + 1 + 1 + len(EDGE_TYPES)
+    # batches, the two retries, the token, one vertex count and one count per edge segment
+    assert report.attempts == report.batches + 2 + 1 + 1 + len(EDGE_SEGMENTS)
 
 
 def test_persistent_errors_fail_with_status_and_step(endpoint: FakeTigerGraphEndpoint) -> None:
