@@ -57,7 +57,7 @@ class LoadReport:
     in_target: dict[str, int]  # per type: rows read back, or the graph's own count
     batches: int = 0
     attempts: int = 0  # requests sent, retries included
-    segments: dict[str, int] = field(default_factory=dict)
+    segments: dict[str, int] = field(default_factory=dict)  # loaded per edge (FROM, TO) pair
 
 
 class GraphLoader(Protocol):
@@ -89,7 +89,7 @@ class FileGraphLoader:
             location=str(self.out_dir),
             loaded=_per_type(written),
             in_target=_per_type(on_disk),
-            segments=on_disk,
+            segments={segment.name: on_disk[segment.name] for segment in EDGE_SEGMENTS},
         )
 
 
