@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -208,7 +209,7 @@ class RestppGraphLoader:
 
         config = self.config
         try:
-            with _keep_excepthook():
+            with _keeping_excepthook():
                 connection = StatusRecordingConnection(
                     host=config.host,
                     graphname=config.graph_name,
@@ -218,6 +219,10 @@ class RestppGraphLoader:
                 )
         except Exception as error:
             raise GraphLoadError(f"TigerGraph connection settings: {_describe(error)}") from None
+        # pyTigerGraph turns certificate verification off for every https URL; the token and
+        # the data go only to a server whose certificate verifies (system CAs, or the bundle
+        # in REQUESTS_CA_BUNDLE). Its sessions copy this on first use.
+        connection.verify = True
         if config.secret and not config.api_token:
             self._call(
                 "token request",
@@ -305,19 +310,19 @@ def _present(attributes: dict[str, object]) -> dict[str, object]:
     return {name: value for name, value in attributes.items() if value is not None}
 
 
-class _keep_excepthook:
-    """pyTigerGraph's constructor replaces sys.excepthook (it prints only the message) unless
-    debug is set; the platform keeps Python's own."""
-
-    def __enter__(self) -> None:
-        self._hook = sys.excepthook
-        self._had_limit = hasattr(sys, "tracebacklimit")
-        self._limit = getattr(sys, "tracebacklimit", None)
-
-    def __exit__(self, *exc: object) -> None:
-        sys.excepthook = self._hook
-        if self._had_limit:
-            sys.tracebacklimit = self._limit
+@contextmanager
+def _keeping_excepthook() -> Iterator[None]:
+    """pyTigerGraph's constructor replaces sys.excepthook (with one that prints only the
+    message) unless debug is set; the platform keeps Python's own."""
+    hook = sys.excepthook
+    had_limit = hasattr(sys, "tracebacklimit")
+    limit = getattr(sys, "tracebacklimit", None)
+    try:
+        yield
+    finally:
+        sys.excepthook = hook
+        if had_limit:
+            sys.tracebacklimit = limit
         elif hasattr(sys, "tracebacklimit"):
             del sys.tracebacklimit
 

@@ -220,3 +220,13 @@ def test_settings_choose_the_loader(tmp_path: object) -> None:
     assert type(files).__name__ == "FileGraphLoader"
     assert isinstance(restpp, RestppGraphLoader)
     assert restpp.config.batch_size == 50 and restpp.config.secret == "x"
+
+
+def test_https_certificates_are_verified() -> None:
+    # pyTigerGraph would send the token to any https server without checking its certificate.
+    connection = RestppGraphLoader(TigerGraphConfig(host="https://tg.example.org:14240"))._connect()
+    try:
+        assert connection.verify is True
+        assert connection._session.verify is True
+    finally:
+        connection.close()
