@@ -104,9 +104,10 @@ class TigerGraphConfig:
     host: str  # with scheme and, unless the default ports, the port: http://tg:14240
     graph_name: str = GRAPH_NAME
     username: str = "tigergraph"
-    password: str = ""
-    secret: str = ""  # a GSQL secret: a RESTPP token is requested with it
-    api_token: str = ""  # a token already issued
+    # Kept out of repr, so that no log line or error shows them.
+    password: str = field(default="", repr=False)
+    secret: str = field(default="", repr=False)  # a GSQL secret: a token is requested with it
+    api_token: str = field(default="", repr=False)  # a RESTPP token already issued
     batch_size: int = DEFAULT_BATCH_SIZE
     max_attempts: int = 5
     retry_wait_seconds: float = 1.0

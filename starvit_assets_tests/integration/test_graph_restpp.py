@@ -220,6 +220,7 @@ def test_settings_choose_the_loader(tmp_path: object) -> None:
     assert type(files).__name__ == "FileGraphLoader"
     assert isinstance(restpp, RestppGraphLoader)
     assert restpp.config.batch_size == 50 and restpp.config.secret == "x"
+    assert "secret" not in repr(restpp.config)
 
 
 def test_https_certificates_are_verified() -> None:
