@@ -328,7 +328,7 @@ def _keeping_excepthook() -> Iterator[None]:
             del sys.tracebacklimit
 
 
-def graph_loader(settings: StarvitSettings) -> FileGraphLoader | RestppGraphLoader:
+def graph_loader(settings: StarvitSettings) -> GraphLoader:
     """RESTPP when STARVIT_TIGERGRAPH_HOST is set, loading-job files under graph_dir otherwise."""
     if not settings.tigergraph_host:
         return FileGraphLoader(settings.graph_dir / "load", settings.tigergraph_graph)
