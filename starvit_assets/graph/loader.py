@@ -28,7 +28,9 @@ from starvit_assets.graph.files import count_csv_rows, write_loading_files
 from starvit_assets.graph.schema import (
     EDGE_SEGMENTS,
     GRAPH_NAME,
+    TYPE_DEFAULTS,
     VERTEX_TYPES,
+    Attribute,
     EdgeSegment,
     GraphData,
     Row,
@@ -295,20 +297,22 @@ def _batches(rows: Sequence[Row], size: int) -> Iterator[tuple[int, Sequence[Row
 
 def _vertex_upsert(vertex: VertexType, row: Row) -> tuple[object, dict[str, object]]:
     primary_id, *values = row
-    attributes = dict(zip((a.name for a in vertex.attributes), values, strict=True))
-    return primary_id, _present(attributes)
+    return primary_id, _attributes(vertex.attributes, values)
 
 
 def _edge_upsert(segment: EdgeSegment, row: Row) -> tuple[object, object, dict[str, object]]:
     source, target, *values = row
-    attributes = dict(zip((a.name for a in segment.edge.edge_attributes), values, strict=True))
-    return source, target, _present(attributes)
+    return source, target, _attributes(segment.edge.edge_attributes, values)
 
 
-def _present(attributes: dict[str, object]) -> dict[str, object]:
-    # TigerGraph has no null: an attribute left out takes its type's default, as an empty
-    # CSV field does in the loading job.
-    return {name: value for name, value in attributes.items() if value is not None}
+def _attributes(attributes: Sequence[Attribute], values: Sequence[object]) -> dict[str, object]:
+    # A missing value is sent as its type's default (what an empty CSV field loads as), not
+    # left out: an upsert keeps the attributes it is not sent, so a value that became null
+    # in the warehouse would otherwise survive in the graph.
+    return {
+        attribute.name: TYPE_DEFAULTS[attribute.gsql_type] if value is None else value
+        for attribute, value in zip(attributes, values, strict=True)
+    }
 
 
 @contextmanager

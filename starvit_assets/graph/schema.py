@@ -18,6 +18,8 @@ GRAPH_NAME = "starvit"
 LOADING_JOB = "load_starvit"
 # The DATETIME text form both the loading job and RESTPP parse (UTC, no offset).
 DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# TigerGraph has no null: what an attribute holds when no value was given.
+TYPE_DEFAULTS: dict[str, object] = {"STRING": "", "DATETIME": "1970-01-01 00:00:00", "DOUBLE": 0.0}
 
 
 @dataclass(frozen=True)

@@ -91,17 +91,22 @@ def test_batches_follow_the_configured_size(endpoint: FakeTigerGraphEndpoint) ->
 def test_reloading_is_idempotent_and_updates_in_place(endpoint: FakeTigerGraphEndpoint) -> None:
     graph = sample_graph()
     first = loader(endpoint).load(graph)
-    graph.vertices["Patient"][0] = ("p1", "female", "40-49", "overweight")
+    graph.vertices["Patient"][0] = ("p1", "female", "40-49", None)
+    graph.edges["has_observation_from_Encounter"][0] = ("e1", "29463-7", "o1", None, None, "kg")
 
     second = loader(endpoint).load(graph)
 
     assert second.in_target == first.in_target == graph.counts()
     assert second.loaded == graph.counts()
+    # Updated in place; a value that became null is the type default, not the old value.
     assert endpoint.vertex("Patient", "p1") == {
         "gender": "female",
         "age_bracket": "40-49",
-        "weight_category": "overweight",
+        "weight_category": "",
     }
+    ((_, observation),) = endpoint.edges_of("has_observation")[:1]
+    assert observation["effective_at"] == "1970-01-01 00:00:00"
+    assert observation["value"] == 0.0
 
 
 @pytest.mark.parametrize("json_body", [True, False], ids=["tigergraph-error", "proxy-html"])

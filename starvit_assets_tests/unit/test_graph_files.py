@@ -9,6 +9,7 @@ from starvit_assets.graph.schema import (
     EDGE_SEGMENTS,
     EDGE_TYPES,
     SCHEMA_GSQL,
+    TYPE_DEFAULTS,
     VERTEX_TYPES,
     GraphData,
     file_names,
@@ -62,6 +63,10 @@ def test_generated_gsql_declares_every_python_type_with_its_attributes() -> None
         assert declared_edge.discriminator == (
             (edge.discriminator.name,) if edge.discriminator else ()
         )
+    used = {a.gsql_type for v in VERTEX_TYPES for a in v.attributes} | {
+        a.gsql_type for e in EDGE_TYPES for a in e.edge_attributes
+    }
+    assert used <= set(TYPE_DEFAULTS)  # every type has the default a missing value loads as
     assert parsed.edges["has_observation"].pairs == (
         ("Encounter", "ObservationType"),
         ("Patient", "ObservationType"),
