@@ -23,7 +23,9 @@ def token_names(policy: Policy) -> tuple[str, ...]:
     return spec.tokens if spec else ()
 
 
-def records_from_table(table: pa.Table, source: str, tokens: tuple[str, ...]) -> list[LinkageRecord]:
+def records_from_table(
+    table: pa.Table, source: str, tokens: tuple[str, ...]
+) -> list[LinkageRecord]:
     """One record per row; a patient id that repeats keeps its last row (the latest version)."""
     present = [name for name in tokens if name in table.column_names]
     ids = table.column("patient_id").to_pylist()

@@ -211,13 +211,21 @@ def token_columns(key: bytes, spec: LinkageTokenPolicy, rows: pa.Table) -> dict[
     unknown = [name for name in spec.tokens if name not in RECIPES]
     if unknown:
         raise ValueError(f"unknown linkage token recipes: {', '.join(unknown)}")
-    columns = {
-        field: rows.column(column).cast(pa.string()).to_pylist() for field, column in inputs.items()
+    columns: dict[str, list[str | None]] = {
+        str(field): rows.column(column).cast(pa.string()).to_pylist()
+        for field, column in inputs.items()
     }
+    missing: list[str | None] = [None] * rows.num_rows
+    family, given, birth_date, sex, postal_code = (
+        columns.get(field, missing)
+        for field in ("family", "given", "birth_date", "sex", "postal_code")
+    )
     results: dict[str, list[str | None]] = {name: [] for name in spec.tokens}
     cache: dict[Demographics, dict[str, str | None]] = {}
     for index in range(rows.num_rows):
-        record = Demographics(**{field: columns[field][index] for field in columns})
+        record = Demographics(
+            family[index], given[index], birth_date[index], sex[index], postal_code[index]
+        )
         made = cache.get(record)
         if made is None:
             made = cache[record] = tokens(key, record)

@@ -16,12 +16,12 @@ from starvit_assets.definitions import defs
 from starvit_assets.deid.policy import load_policy
 from starvit_assets.lake.contracts import LINEAGE_COLUMNS
 from starvit_assets.lineage import LineageError, shipped_lineage, table_lineage
-from starvit_assets.linkage.tokens import recipe_inputs
 from starvit_assets.lineage.columns import (
     macro_lineage_columns,
     staging_sql_path,
     view_column_paths,
 )
+from starvit_assets.linkage.tokens import recipe_inputs
 from starvit_assets.settings import DBT_PROJECT_DIR, REPO_ROOT
 from starvit_assets.views.runner import shipped_views
 from starvit_assets.warehouse.loader import LOADED_AT

@@ -124,9 +124,7 @@ def test_patient_links_and_tokens_join_transitively() -> None:
 
 
 def test_person_keys_do_not_depend_on_input_order() -> None:
-    records = [
-        LinkageRecord("A", f"p{i}", {"link_token_1": str(i // 2)}) for i in range(10)
-    ]
+    records = [LinkageRecord("A", f"p{i}", {"link_token_1": str(i // 2)}) for i in range(10)]
     forward = link_persons(records).assignments
     backward = link_persons(list(reversed(records))).assignments
     assert forward == backward

@@ -136,7 +136,9 @@ def test_the_linkage_key_is_its_own_dev_key_and_configurable(tmp_path: Path) -> 
 def test_a_policy_that_publishes_a_linkage_input_is_refused(tmp_path: Path) -> None:
     text = (Path(__file__).parents[2] / "starvit_assets/deid/policy.yaml").read_text()
     leaky = tmp_path / "policy.yaml"
-    leaky.write_text(text.replace("linkage_family: {method: drop}", "linkage_family: {method: keep}"))
+    leaky.write_text(
+        text.replace("linkage_family: {method: drop}", "linkage_family: {method: keep}")
+    )
     with pytest.raises(PolicyError, match="linkage input family reads 'linkage_family'"):
         load_policy(leaky)
 
