@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from starvit_assets.defs.deid_raw import deid_asset_key
@@ -65,11 +66,9 @@ def _latest_patients(lake: RawLake, tokens: tuple[str, ...]) -> tuple[pa.Table, 
     rows = pa.concat_tables(tables)
     # The latest version of a patient is its last row by last update (date-shifted alike for
     # one patient, so comparable), then by export: records_from_table keeps the last row.
-    order = sorted(
-        range(rows.num_rows),
-        key=lambda i: (rows.column("last_updated")[i].as_py() or "", i),
-    )
-    return rows.take(pa.array(order, pa.int64())), partitions[-1][0]
+    # Arrow's sort is stable: equal stamps keep their export order; no stamp sorts first.
+    order = pc.sort_indices(rows, sort_keys=[("last_updated", "ascending", "at_start")])
+    return rows.take(order), partitions[-1][0]
 
 
 def _publish_map(lake: RawLake, export_id: str, table: pa.Table) -> Path:

@@ -383,6 +383,18 @@ def test_duplicate_patient_records_resolve_to_persons(lineage: Lineage) -> None:
     assert person_rows == (persons, mapped)
     # No false merge (precision): at least the true persons; duplicates found: fewer records.
     assert true_persons <= persons < all_patients(lineage)
+    # The linkage rates are in the materialization metadata of the asset that computes them.
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(
+            dg.AssetKey(["linkage", "person_patient_map"])
+        )
+    assert event is not None and event.asset_materialization is not None
+    metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert (metadata["patients"], metadata["persons"]) == (mapped, persons)
+    assert metadata["patients_linked"] > 0
+    assert 0 < metadata["share_linked"] < 1
 
 
 def _latest(observations: list[dict], loinc: str) -> dict | None:
