@@ -38,7 +38,17 @@ def cmd_fhir_synth(args: argparse.Namespace) -> int:
 
     if args.patients < 1:
         raise CliError("--patients must be at least 1")
-    counts = generate(Path(args.out), patients=args.patients, seed=args.seed)
+    try:
+        counts = generate(
+            Path(args.out),
+            patients=args.patients,
+            seed=args.seed,
+            duplicate_rate=args.duplicate_rate,
+            source=args.source_name,
+            overlap=args.overlap,
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
     for resource_type, count in counts.items():
         print(f"{resource_type:<20} {count:>10}")
     print(f"wrote {sum(counts.values())} resources to {Path(args.out).resolve()}")
@@ -229,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, default=100)
     synth.add_argument("--seed", type=int, default=1)
     synth.add_argument("--out", required=True)
+    synth.add_argument(
+        "--duplicate-rate",
+        type=float,
+        default=0.0,
+        help="share of persons given a second, unlinked Patient record (persons.json: truth)",
+    )
+    synth.add_argument(
+        "--source-name",
+        default="A",
+        help="another data holder than the default A: its own ids, sharing --overlap persons",
+    )
+    synth.add_argument(
+        "--overlap",
+        type=float,
+        default=0.0,
+        help="with --source-name: share of its persons that are also source A's (same seed)",
+    )
     synth.set_defaults(handler=cmd_fhir_synth)
     serve = fhir_commands.add_parser("serve", help="serve a folder of NDJSON as a Bulk Data server")
     serve.add_argument("--data", required=True)

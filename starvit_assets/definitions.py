@@ -26,6 +26,7 @@ from starvit_assets.defs.dbt import dbt_models, dbt_resource
 from starvit_assets.defs.deid_raw import DEID_ASSETS
 from starvit_assets.defs.extract import fhir_export
 from starvit_assets.defs.graph import tigergraph_load
+from starvit_assets.defs.linkage import person_patient_map
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.retention import RETENTION_DEFS
 from starvit_assets.defs.subscriptions import medplum_subscription_events
@@ -94,6 +95,12 @@ ZONE_POLICIES: dict[str, ZonePolicy] = {
         retention="versioned in git",
         automation=dbt_condition(),
     ),
+    "linkage": ZonePolicy(
+        owner=PRIVACY,
+        zone="research",
+        retention="one partition per patient export; rebuilt from deid_raw; 6 years",
+        automation=downstream_condition(),
+    ),
     "graph": ZonePolicy(
         owner=DATA_PLATFORM,
         zone="research",
@@ -130,7 +137,14 @@ def apply_platform_policies(spec: dg.AssetSpec) -> dg.AssetSpec:
 def build_definitions() -> dg.Definitions:
     settings = load_settings()
     definitions = dg.Definitions(
-        assets=[fhir_export, *DEID_ASSETS, *WAREHOUSE_RAW_ASSETS, dbt_models, tigergraph_load],
+        assets=[
+            fhir_export,
+            *DEID_ASSETS,
+            *WAREHOUSE_RAW_ASSETS,
+            person_patient_map,
+            dbt_models,
+            tigergraph_load,
+        ],
         jobs=[full_lineage_job, fhir_exports_job, *RETENTION_DEFS.jobs],
         schedules=[daily_full_lineage, *RETENTION_DEFS.schedules],
         sensors=[

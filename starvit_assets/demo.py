@@ -42,18 +42,23 @@ class RunSummary:
     failed_steps: list[str] = field(default_factory=list)
 
 
+# Share of synthetic persons given a second, unlinked Patient record (docs/linkage.md): the
+# demo's person linkage has duplicates to find; persons.json beside the data has the truth.
+DEMO_DUPLICATE_RATE = 0.1
+
+
 def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -> Path:
     """Synthetic NDJSON in the embedded source folder, regenerated only when asked for other data."""
     from starvit_assets.fhir.synth import generate
 
     folder = settings.embedded_source_dir
-    wanted = {"patients": patients, "seed": seed}
+    wanted = {"patients": patients, "seed": seed, "duplicate_rate": DEMO_DUPLICATE_RATE}
     marker = folder / SOURCE_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return folder
     if folder.exists():
         shutil.rmtree(folder)
-    generate(folder, patients=patients, seed=seed)
+    generate(folder, patients=patients, seed=seed, duplicate_rate=DEMO_DUPLICATE_RATE)
     marker.write_text(json.dumps(wanted))
     return folder
 

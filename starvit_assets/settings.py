@@ -74,6 +74,21 @@ class StarvitSettings(BaseSettings):
     pseudonymisation_key_file: Path | None = Field(
         default=None, description="File holding the hex-encoded HMAC key"
     )
+    linkage_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Hex-encoded HMAC key of the linkage tokens (64 hex characters), shared by every "
+            "source of one tokenisation domain and distinct from the pseudonymisation key"
+        ),
+    )
+    linkage_key_file: Path | None = Field(
+        default=None, description="File holding the hex-encoded linkage-token key"
+    )
+    source_name: str = Field(
+        default="A",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of this FHIR source in the person linkage (person_patient_map.source)",
+    )
     export_types: str = "Patient,Encounter,Observation,Condition,MedicationRequest"
     bq_project: str | None = Field(default=None, description="BigQuery project (bigquery target)")
     bq_location: str = Field(default="US", description="BigQuery location")
@@ -171,26 +186,36 @@ class StarvitSettings(BaseSettings):
     @cached_property
     def key(self) -> bytes:
         """The pseudonymisation key; a dev key is generated on first local run, never printed."""
-        if self.pseudonymisation_key is not None:
-            return _decode_key(
-                self.pseudonymisation_key.get_secret_value(), "STARVIT_PSEUDONYMISATION_KEY"
-            )
-        if self.pseudonymisation_key_file is not None:
-            if not self.pseudonymisation_key_file.is_file():
-                raise SettingsError(
-                    f"STARVIT_PSEUDONYMISATION_KEY_FILE points to {self.pseudonymisation_key_file}, "
-                    "which is not a file"
-                )
-            return _decode_key(
-                self.pseudonymisation_key_file.read_text().strip(),
-                "STARVIT_PSEUDONYMISATION_KEY_FILE",
-            )
+        return self._secret_key(
+            self.pseudonymisation_key,
+            self.pseudonymisation_key_file,
+            "STARVIT_PSEUDONYMISATION_KEY",
+            "dev-pseudonymisation.key",
+        )
+
+    @cached_property
+    def linkage_token_key(self) -> bytes:
+        """The linkage-token key (docs/linkage.md): generated in dev like the pseudonymisation
+        key, but a different key, so that a token never equals a pseudonym."""
+        return self._secret_key(
+            self.linkage_key, self.linkage_key_file, "STARVIT_LINKAGE_KEY", "dev-linkage.key"
+        )
+
+    def _secret_key(
+        self, value: SecretStr | None, file: Path | None, variable: str, dev_file: str
+    ) -> bytes:
+        if value is not None:
+            return _decode_key(value.get_secret_value(), variable)
+        if file is not None:
+            if not file.is_file():
+                raise SettingsError(f"{variable}_FILE points to {file}, which is not a file")
+            return _decode_key(file.read_text().strip(), f"{variable}_FILE")
         if self.env is not Environment.DEV:
             raise SettingsError(
-                f"environment {self.env.value} needs STARVIT_PSEUDONYMISATION_KEY or "
-                "STARVIT_PSEUDONYMISATION_KEY_FILE: a generated dev key is allowed only in dev"
+                f"environment {self.env.value} needs {variable} or {variable}_FILE: "
+                "a generated dev key is allowed only in dev"
             )
-        return _dev_key(self.state_dir / "dev-pseudonymisation.key")
+        return _dev_key(self.state_dir / dev_file)
 
 
 def _decode_key(text: str, source: str) -> bytes:

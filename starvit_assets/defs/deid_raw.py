@@ -32,6 +32,7 @@ from starvit_assets.lake.filters import FilterError
 from starvit_assets.lake.gate import GateCounts, GateError, build_gate
 from starvit_assets.lake.partitions import PART_FILE
 from starvit_assets.lineage import shipped_lineage
+from starvit_assets.linkage.tokens import with_linkage_tokens
 from starvit_assets.settings import StarvitSettings
 from starvit_assets.views.runner import shipped_views
 
@@ -170,7 +171,11 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
         gate = build_gate(
             table_name=table,
             view=view,
-            backend=platform.deid_backend(policy, export_date),
+            backend=with_linkage_tokens(
+                platform.deid_backend(policy, export_date),
+                policy,
+                lambda: settings.linkage_token_key,
+            ),
             policy=policy,
             key=settings.key,
             export_date=export_date,

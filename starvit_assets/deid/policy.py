@@ -34,11 +34,48 @@ class ColumnRule(BaseModel):
         return self
 
 
+LinkageField = Literal["family", "given", "birth_date", "sex", "postal_code"]
+# Inputs that identify on their own: the view column they are read from must not cross as is.
+_IDENTIFYING_INPUTS = ("family", "given", "birth_date", "postal_code")
+
+
+class LinkageTokenPolicy(BaseModel):
+    """Table-level recipe: linkage tokens computed from raw view columns in the PHI zone
+    (starvit_assets/linkage/tokens.py, docs/linkage.md); the tokens are added as columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: dict[LinkageField, str]
+    """Demographic field -> the view column it is read from (before de-identification)."""
+    tokens: tuple[str, ...]
+    """The token recipes to compute; each becomes a published column of that name."""
+
+
 class TablePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     date_shift_context: str
     columns: dict[str, ColumnRule]
+    linkage_tokens: LinkageTokenPolicy | None = None
+
+    @model_validator(mode="after")
+    def _linkage_inputs_never_cross(self) -> TablePolicy:
+        spec = self.linkage_tokens
+        if spec is None:
+            return self
+        for field, column in spec.inputs.items():
+            rule = self.columns.get(column)
+            if rule is None:
+                raise ValueError(f"linkage input {field} reads {column!r}, which has no rule")
+            if field in _IDENTIFYING_INPUTS and rule.method in ("keep", "pseudonymise"):
+                raise ValueError(
+                    f"linkage input {field} reads {column!r}, which the policy publishes as "
+                    f"is ({rule.method}): drop or generalise it"
+                )
+        clashing = [name for name in spec.tokens if name in self.columns]
+        if clashing:
+            raise ValueError(f"linkage tokens clash with view columns: {', '.join(clashing)}")
+        return self
 
     def check_covers(self, columns: Sequence[str], table: str = "") -> None:
         """The allowlist: every column has a rule, and every rule names a column."""

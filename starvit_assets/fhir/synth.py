@@ -46,6 +46,22 @@ FAULT_KINDS = (
     "malformed_date",
 )
 TRUTH_FILE = "truth.json"
+# The true person of every Patient record (``persons.json``): what record linkage must find.
+PERSONS_FILE = "persons.json"
+DEFAULT_SOURCE = "A"
+# Ways a second, unlinked record of the same person differs from the first (see _vary).
+VARIATIONS = (
+    "typo",
+    "nickname",
+    "case",
+    "diacritics",
+    "swapped_names",
+    "moved_zip",
+    "missing_sex",
+    "birth_date_typo",
+)
+# How a source other than DEFAULT_SOURCE records a person it shares with it: as is, or varied.
+CROSS_SOURCE_VARIATION_RATE = 0.5
 # 0.0 until ensure_source_data asks for no duplicate persons: the e2e counts patients exactly.
 DEFAULT_FAULT_RATE = 0.0
 EXPORT_EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -761,6 +777,132 @@ def _apply_fault(
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
+NICKNAMES = {
+    "Olivia": "Liv",
+    "Elijah": "Eli",
+    "Sofia": "Sophie",
+    "Tomasz": "Tom",
+    "Lucas": "Luke",
+    "Hannah": "Hanna",
+    "Mateo": "Matty",
+    "Ingrid": "Inga",
+}
+_ACCENTED = {"a": "á", "e": "é", "i": "í", "o": "ö", "u": "ü", "c": "ç", "n": "ñ", "s": "š"}
+
+
+def _typo(faults: random.Random, name: str) -> str:
+    """One keying error inside the name: two letters swapped, or one doubled or dropped."""
+    position = faults.randrange(1, len(name) - 1)
+    kind = faults.choice(("swap", "double", "drop"))
+    if kind == "swap":
+        return name[:position] + name[position + 1] + name[position] + name[position + 2 :]
+    if kind == "double":
+        return name[: position + 1] + name[position] + name[position + 1 :]
+    return name[:position] + name[position + 1 :]
+
+
+def _accented(faults: random.Random, name: str) -> str:
+    positions = [i for i, letter in enumerate(name) if letter.lower() in _ACCENTED]
+    if not positions:
+        return name.upper()
+    i = faults.choice(positions)
+    accent = _ACCENTED[name[i].lower()]
+    return name[:i] + (accent.upper() if name[i].isupper() else accent) + name[i + 1 :]
+
+
+def _vary(faults: random.Random, patient: dict[str, Any], variations: list[str]) -> None:
+    """Change the demographics of ``patient`` (a copy with copied sub-objects) as named."""
+    name = dict(patient["name"][0])
+    name["given"] = list(name["given"])
+    for variation in variations:
+        if variation == "typo":
+            name["family"] = _typo(faults, name["family"])
+        elif variation == "nickname":
+            name["given"][0] = NICKNAMES.get(name["given"][0], name["given"][0].lower())
+        elif variation == "case":
+            name["family"] = name["family"].upper()
+            name["given"][0] = name["given"][0].lower()
+        elif variation == "diacritics":
+            name["family"] = _accented(faults, name["family"])
+        elif variation == "swapped_names":
+            name["family"], name["given"][0] = name["given"][0], name["family"]
+        elif variation == "moved_zip":
+            city, state, zip3 = faults.choice(CITIES)
+            patient["address"] = [
+                {
+                    "use": "home",
+                    "line": [f"{faults.randint(1, 999)} {faults.choice(STREETS)}"],
+                    "city": city,
+                    "state": state,
+                    "postalCode": f"{zip3}{faults.randint(0, 99):02d}",
+                }
+            ]
+        elif variation == "missing_sex":
+            patient.pop("gender", None)
+        elif variation == "birth_date_typo":
+            born = dt.date.fromisoformat(patient["birthDate"])
+            # Day and month keyed the wrong way round, or the day off by one.
+            if born.day <= 12 and born.day != born.month:
+                born = born.replace(month=born.day, day=born.month)
+            else:
+                born += dt.timedelta(days=1 if born.day < 28 else -1)
+            patient["birthDate"] = born.isoformat()
+        else:
+            raise ValueError(f"unknown variation {variation!r}")
+    patient["name"] = [name]
+    patient["text"] = {
+        "status": "generated",
+        "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{name["given"][0]} {name["family"]}</div>',
+    }
+
+
+def _draw_variations(faults: random.Random) -> list[str]:
+    """One variation, or two a quarter of the time (a record can differ in several ways)."""
+    return faults.sample(VARIATIONS, 2 if faults.random() < 0.25 else 1)
+
+
+def _unlinked_duplicate(
+    faults: random.Random, patient: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """A second record of the same person that nobody linked, with realistic differences."""
+    duplicate = {key: value for key, value in patient.items() if key not in ("link", "active")}
+    duplicate["id"] = _id(faults)
+    duplicate["meta"] = _meta(faults)
+    duplicate["identifier"] = [
+        {
+            "system": "urn:oid:1.2.36.146.595.217.0.1",
+            "value": f"MRN{faults.randint(10**7, 10**8 - 1)}",
+        }
+    ]
+    variations = _draw_variations(faults)
+    _vary(faults, duplicate, variations)
+    return duplicate, variations
+
+
+def _from_other_source(
+    rng: random.Random,
+    faults: random.Random,
+    shared: dict[str, Any],
+    own: dict[str, Any],
+) -> tuple[dict[str, Any], list[str]]:
+    """The person of ``shared`` (default source) as another source records them: that
+    source's own id, MRN and metadata, the person's demographics, sometimes varied."""
+    patient = dict(shared)
+    patient["id"] = own["id"]
+    patient["meta"] = own["meta"]
+    patient["identifier"] = [own["identifier"][0], *shared["identifier"][1:]]
+    variations = _draw_variations(faults) if rng.random() < CROSS_SOURCE_VARIATION_RATE else []
+    _vary(faults, patient, variations)
+    return patient, variations
+
+
+def person_id(seed: int, index: int, source: str = DEFAULT_SOURCE) -> str:
+    """The true person behind patient ``index``; the default source's persons are shared."""
+    return (
+        f"person/{seed}/{index}" if source == DEFAULT_SOURCE else f"person/{seed}/{source}/{index}"
+    )
+
+
 class _Writer:
     """Streams resources to ``<Type>.ndjson`` and faults to per-kind spill files."""
 
@@ -779,6 +921,8 @@ class _Writer:
             for kind in FAULT_KINDS
         }
         self.spilled = dict.fromkeys(FAULT_KINDS, 0)
+        self.persons = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
+        self.persons_written = 0
         self.encode = _ENCODE
         self.weights: dict[tuple[str, ...], list[int]] = {
             kinds: [_FAULT_WEIGHTS[kind] for kind in kinds]
@@ -812,6 +956,18 @@ class _Writer:
         self.handles[resource_type].write(line * copies)
         self.counts[resource_type] += copies
 
+    def person(self, person: str, records: list[dict[str, Any]]) -> None:
+        self.persons.write(self.encode({"person": person, "records": records}) + "\n")
+        self.persons_written += 1
+
+    def write_persons(self, path: Path, source: str, seed: int) -> None:
+        with path.open("w", encoding="utf-8", newline="\n") as out:
+            out.write(f'{{"source": {json.dumps(source)}, "seed": {seed}, "persons": [')
+            self.persons.seek(0)
+            for number, line in enumerate(self.persons):
+                out.write(("," if number else "") + "\n  " + line.rstrip("\n"))
+            out.write("\n]}\n" if self.persons_written else "]}\n")
+
     def write_truth(self, path: Path) -> None:
         with path.open("w", encoding="utf-8", newline="\n") as truth:
             truth.write("{")
@@ -826,32 +982,91 @@ class _Writer:
 
 
 def generate(
-    out_dir: Path, patients: int, seed: int, fault_rate: float = DEFAULT_FAULT_RATE
+    out_dir: Path,
+    patients: int,
+    seed: int,
+    fault_rate: float = DEFAULT_FAULT_RATE,
+    *,
+    duplicate_rate: float = 0.0,
+    source: str = DEFAULT_SOURCE,
+    overlap: float = 0.0,
 ) -> dict[str, int]:
-    """Write ``<ResourceType>.ndjson`` and ``truth.json`` for ``patients`` synthetic patients.
+    """Write ``<ResourceType>.ndjson``, ``truth.json`` and ``persons.json`` for ``patients``
+    synthetic persons.
 
     Returns the lines written per resource type (a duplicated resource counts twice). With
-    ``fault_rate`` 0 the data has no planted faults and exactly ``patients`` Patient records.
+    ``fault_rate`` and ``duplicate_rate`` 0 the data has no planted faults and exactly
+    ``patients`` Patient records. ``duplicate_rate`` gives that share of persons a second,
+    unlinked Patient record with realistic differences (``VARIATIONS``). A ``source`` other
+    than ``DEFAULT_SOURCE`` is another data holder: with probability ``overlap`` its person
+    ``i`` is the default source's person ``i`` (same seed) under its own ids and MRN. The
+    true person of every record is in ``persons.json``.
     """
-    if not 0.0 <= fault_rate <= 1.0:
-        raise ValueError("fault_rate must be between 0 and 1")
+    for name, rate in (("fault_rate", fault_rate), ("duplicate_rate", duplicate_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1")
+    if not 0.0 <= overlap <= 1.0:
+        raise ValueError("overlap must be between 0 and 1")
+    if source == DEFAULT_SOURCE and overlap:
+        raise ValueError(f"overlap needs a source other than {DEFAULT_SOURCE!r}")
+    own_source = source != DEFAULT_SOURCE
     out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         writer = _Writer(stack, out_dir, fault_rate)
         for index in range(patients):
-            rng = random.Random(f"{seed}/{index}")
-            faults = random.Random(f"{seed}/{index}/faults")
+            # The default source keeps its streams as they always were; another source draws
+            # its own, so that its data differs from the default source's but for the overlap.
+            prefix = f"{seed}/{source}/{index}" if own_source else f"{seed}/{index}"
+            rng = random.Random(prefix)
+            faults = random.Random(f"{prefix}/faults")
+            persons = random.Random(f"{prefix}/persons")
             patient, full_name, age = _patient(rng, index)
+            person = person_id(seed, index, source)
+            records: list[dict[str, Any]] = []
+            if own_source and persons.random() < overlap:
+                shared, _, shared_age = _patient(random.Random(f"{seed}/{index}"), index)
+                patient, variations = _from_other_source(persons, persons, shared, patient)
+                given, family = patient["name"][0]["given"][0], patient["name"][0]["family"]
+                full_name, age, person = f"{given} {family}", shared_age, person_id(seed, index)
+                records.append(_record(source, patient, "other_source", variations))
+            else:
+                records.append(_record(source, patient, "original", []))
             duplicate = None
             if faults.random() < fault_rate:
                 duplicate, detail = _duplicate_person(faults, patient)
                 writer.fault("duplicate_person", "Patient", duplicate["id"], detail)
+                records.append(_record(source, duplicate, "linked_duplicate", []))
+            unlinked = None
+            if duplicate_rate and persons.random() < duplicate_rate:
+                unlinked, variations = _unlinked_duplicate(persons, patient)
+                records.append(_record(source, unlinked, "unlinked_duplicate", variations))
             writer.write("Patient", patient, _DUPLICATE_ONLY, faults)
-            if duplicate is not None:
-                writer.write("Patient", duplicate, _NONE, faults)
+            for extra in (duplicate, unlinked):
+                if extra is not None:
+                    writer.write("Patient", extra, _NONE, faults)
+            writer.person(person, records)
             for resource_type, resource, kinds in _patient_resources(rng, patient, full_name, age):
                 writer.write(resource_type, resource, kinds, faults)
         for handle in writer.handles.values():
             handle.flush()
         writer.write_truth(out_dir / TRUTH_FILE)
+        writer.write_persons(out_dir / PERSONS_FILE, source, seed)
     return writer.counts
+
+
+def _record(
+    source: str, patient: dict[str, Any], kind: str, variations: list[str]
+) -> dict[str, Any]:
+    return {"source": source, "id": patient["id"], "kind": kind, "variations": variations}
+
+
+def load_person_clusters(*folders: Path) -> dict[str, set[tuple[str, str]]]:
+    """True person -> its (source, Patient id) records, over the ``persons.json`` of one or
+    more generated sources."""
+    clusters: dict[str, set[tuple[str, str]]] = {}
+    for folder in folders:
+        truth = json.loads((folder / PERSONS_FILE).read_text())
+        for person in truth["persons"]:
+            members = clusters.setdefault(person["person"], set())
+            members.update((record["source"], record["id"]) for record in person["records"])
+    return clusters

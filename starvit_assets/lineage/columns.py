@@ -25,8 +25,9 @@ import sqlglot
 from sqlglot import expressions as exp
 from sqlglot.errors import ParseError
 
-from starvit_assets.deid.policy import ColumnRule, Policy, load_policy
+from starvit_assets.deid.policy import ColumnRule, Policy, TablePolicy, load_policy
 from starvit_assets.lake.contracts import LINEAGE_COLUMNS
+from starvit_assets.linkage.tokens import recipe_inputs
 from starvit_assets.settings import DBT_PROJECT_DIR
 from starvit_assets.views.runner import shipped_views
 from starvit_assets.warehouse.loader import LOADED_AT
@@ -231,6 +232,8 @@ def table_lineage(
         raise LineageError(f"{model}: reads {sources}, expected only {RAW_SOURCE}.{table}")
     staging_sources = parse_staging_select(sql, model)
 
+    if rules.linkage_tokens is not None:
+        published += list(rules.linkage_tokens.tokens)
     readable = {*published, *bookkeeping}
     for staging_column, raw_columns in staging_sources.items():
         for raw_column in raw_columns:
@@ -252,7 +255,9 @@ def table_lineage(
             staging_columns=renames.get(name, ()),
         )
         for name in published
+        if name in paths
     )
+    columns += _token_lineage(rules, paths, renames)
     return TableLineage(
         table=table,
         resource_type=str(view["resource"]),
@@ -262,6 +267,34 @@ def table_lineage(
         staging_model=model,
         staging_sources=staging_sources,
     )
+
+
+LINKAGE_TOKEN_METHOD = "linkage_token"
+
+
+def _token_lineage(
+    rules: TablePolicy, paths: Mapping[str, str], renames: Mapping[str, tuple[str, ...]]
+) -> tuple[ColumnLineage, ...]:
+    """A linkage token comes from the FHIRPaths of the inputs its recipe reads, joined by
+    ``, `` (docs/linkage.md); it is computed in the PHI zone, from raw values."""
+    spec = rules.linkage_tokens
+    if spec is None:
+        return ()
+    lineage = []
+    for token in spec.tokens:
+        try:
+            inputs = recipe_inputs(token)
+        except KeyError:
+            raise LineageError(f"linkage token {token!r} has no recipe") from None
+        lineage.append(
+            ColumnLineage(
+                raw_column=token,
+                fhir_path=", ".join(paths[spec.inputs[field]] for field in inputs),  # type: ignore[index]
+                method=LINKAGE_TOKEN_METHOD,
+                staging_columns=renames.get(token, ()),
+            )
+        )
+    return tuple(lineage)
 
 
 @cache

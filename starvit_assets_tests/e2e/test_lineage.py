@@ -48,7 +48,12 @@ CANARIES = {
     "patient_id": "canary-patient-0001",
     "observation_id": "canary-observation-0001",
 }
-ALL_PATIENTS = PATIENTS + 1
+# The demo data plants unlinked duplicate Patient records (docs/linkage.md): the patient
+# records, canary included, are counted from the source, the persons from its persons.json.
+
+
+def all_patients(lineage: Lineage) -> int:
+    return len(_resources(lineage.source, "Patient"))
 
 
 def plant_canaries(source: Path) -> None:
@@ -340,7 +345,7 @@ def test_pseudonymised_patient_ids_join_across_tables(lineage: Lineage) -> None:
             )
         ).fetchone()
     assert orphans == (0,)
-    assert patients == (ALL_PATIENTS,)
+    assert patients == (all_patients(lineage),)
 
 
 def test_graph_vertices_reconcile_with_the_feature_table(lineage: Lineage) -> None:
@@ -375,7 +380,7 @@ def test_graph_vertices_reconcile_with_the_feature_table(lineage: Lineage) -> No
     files = count_csv_rows(lineage.home / "graph" / "load")
     on_disk = {vertex.name: files[vertex.name] for vertex in VERTEX_TYPES} | per_type(files)
 
-    assert expected["Patient"] == ALL_PATIENTS
+    assert expected["Patient"] == all_patients(lineage)
     assert on_disk == expected
     assert all(expected.values()), expected
     # Observations hang off their encounters; the planted one names none, so its patient.
@@ -416,6 +421,43 @@ def test_graph_load_upserts_the_same_counts_into_tigergraph_over_restpp(
     assert upserts[0].status == 503 and upserts[1].status == 200
     assert max(r.vertices + r.edges for r in upserts) <= 40
     assert files == count_csv_rows(lineage.home / "graph" / "load")  # the files stay as they were
+
+
+def test_duplicate_patient_records_resolve_to_persons(lineage: Lineage) -> None:
+    from starvit_assets.fhir.synth import load_person_clusters
+    from starvit_assets.settings import load_settings
+
+    truth = load_person_clusters(lineage.source)
+    true_persons = len(truth) + 1  # the canary is a person of its own
+    assert true_persons < all_patients(lineage), "the demo data plants no duplicates"
+    derived = load_settings().schema_name("derived")
+    with psycopg.connect(lineage.warehouse_dsn) as connection:
+        mapped, persons = connection.execute(
+            sql.SQL("select count(*), count(distinct person_key) from {}").format(
+                sql.Identifier(derived, "person_patient_map")
+            )
+        ).fetchone() or (0, 0)
+        person_rows = connection.execute(
+            sql.SQL("select count(*), sum(patient_count) from {}").format(
+                sql.Identifier(derived, "person")
+            )
+        ).fetchone()
+    assert mapped == all_patients(lineage)
+    assert person_rows == (persons, mapped)
+    # No false merge (precision): at least the true persons; duplicates found: fewer records.
+    assert true_persons <= persons < all_patients(lineage)
+    # The linkage rates are in the materialization metadata of the asset that computes them.
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(
+            dg.AssetKey(["linkage", "person_patient_map"])
+        )
+    assert event is not None and event.asset_materialization is not None
+    metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    assert (metadata["patients"], metadata["persons"]) == (mapped, persons)
+    assert metadata["patients_linked"] > 0
+    assert 0 < metadata["share_linked"] < 1
 
 
 def _latest(observations: list[dict], loinc: str) -> dict | None:

@@ -360,6 +360,37 @@ def _sample(name: str) -> pa.Table:
     return _table(name, rows)
 
 
+def test_both_backends_publish_the_same_linkage_tokens_and_never_send_the_inputs(
+    dlp: FakeDlpEndpoint,
+) -> None:
+    # The tokens are computed in the PHI zone beside the backend (docs/linkage.md): the
+    # linkage key and the names never go to DLP, and both backends publish the same tokens.
+    from starvit_assets.linkage.tokens import RECIPES, with_linkage_tokens
+
+    policy = load_policy()
+    linkage_key = b"linkage-key-for-the-backend-test!"
+    rows = _sample("patient")
+    names = pa.array([f"Brennan{i % 4}" for i in range(rows.num_rows)], pa.string())
+    rows = rows.set_column(rows.column_names.index("linkage_family"), "linkage_family", names)
+    given = pa.array(["Maeve"] * rows.num_rows, pa.string())
+    rows = rows.set_column(rows.column_names.index("linkage_given"), "linkage_given", given)
+    gender = pa.array(["female"] * rows.num_rows, pa.string())
+    rows = rows.set_column(rows.column_names.index("gender"), "gender", gender)
+    local = with_linkage_tokens(
+        LocalDeidEngine(KEY, policy, reference_date=REFERENCE), policy, lambda: linkage_key
+    ).deidentify("patient", rows)
+    cloud = with_linkage_tokens(_dlp_backend(dlp), policy, lambda: linkage_key).deidentify(
+        "patient", rows
+    )
+    assert cloud.schema == local.schema
+    for name in RECIPES:
+        assert cloud.column(name).equals(local.column(name)), name
+        assert local.column(name).null_count < rows.num_rows
+    sent = _payloads(dlp.requests)
+    assert "Brennan" not in sent and "Maeve" not in sent
+    assert linkage_key.decode() not in sent
+
+
 @pytest.mark.parametrize("table_name", sorted(load_policy().tables))
 def test_both_backends_give_the_same_schema_tokens_and_generalisations(
     dlp: FakeDlpEndpoint, table_name: str

@@ -164,9 +164,13 @@ def test_an_export_pulls_its_chain_in_one_tick_once_and_a_failed_check_stops_it(
             "deid_raw/patient",
             "derived/patient_age_bracket",
             "derived/patient_features",
+            "derived/person",
+            "derived/person_patient_map",
             "graph/tigergraph_load",
+            "linkage/person_patient_map",
             "refined/patient",
             "staging/stg_fhir__patient",
+            "staging/stg_linkage__person_patient_map",
             "warehouse_raw/patient",
         ]
         following = dg.evaluate_automation_conditions(

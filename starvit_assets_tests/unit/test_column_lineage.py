@@ -21,6 +21,7 @@ from starvit_assets.lineage.columns import (
     staging_sql_path,
     view_column_paths,
 )
+from starvit_assets.linkage.tokens import recipe_inputs
 from starvit_assets.settings import DBT_PROJECT_DIR, REPO_ROOT
 from starvit_assets.views.runner import shipped_views
 from starvit_assets.warehouse.loader import LOADED_AT
@@ -37,6 +38,11 @@ _RENAMED = re.compile(
 
 def _policy_methods(table: str) -> dict[str, str]:
     return {name: rule.method for name, rule in load_policy().table(table).columns.items()}
+
+
+def _tokens(table: str) -> list[str]:
+    spec = load_policy().table(table).linkage_tokens
+    return list(spec.tokens) if spec else []
 
 
 def _regex_select_list(table: str) -> dict[str, tuple[str, ...]]:
@@ -86,7 +92,7 @@ def test_every_published_column_is_mapped_and_dropped_columns_are_absent(table: 
     lineage = shipped_lineage()[table]
     methods = _policy_methods(table)
     view_columns = list(view_column_paths(shipped_views()[table]))
-    published = [name for name in view_columns if methods[name] != "drop"]
+    published = [name for name in view_columns if methods[name] != "drop"] + _tokens(table)
     dropped = [name for name in view_columns if methods[name] == "drop"]
 
     assert list(lineage.published) == published
@@ -107,8 +113,15 @@ def test_paths_and_methods_match_the_view_the_policy_and_the_docs(table: str) ->
     view = shipped_views()[table]
     paths = {c["name"]: c["path"] for select in view["select"] for c in select["column"]}
     documented = _documented_columns()[table]
+    spec = load_policy().table(table).linkage_tokens
     for column in lineage.columns:
-        assert column.fhir_path == paths[column.raw_column]
+        if column.raw_column in _tokens(table):
+            # A token's FHIRPaths are those of the view columns its recipe reads.
+            assert spec is not None
+            inputs = [paths[spec.inputs[field]] for field in recipe_inputs(column.raw_column)]
+            assert column.fhir_path == ", ".join(inputs)
+        else:
+            assert column.fhir_path == paths[column.raw_column]
         assert (column.fhir_path, column.method) == documented[column.raw_column]
         assert lineage.fhir_paths()[column.raw_column] == {
             "fhir_path": column.fhir_path,

@@ -322,6 +322,58 @@ def test_fault_rate_outside_zero_to_one_is_refused(tmp_path: Path) -> None:
         generate(tmp_path, patients=1, seed=1, fault_rate=1.5)
 
 
+def _persons(folder: Path) -> dict[str, Any]:
+    truth: dict[str, Any] = json.loads((folder / synth.PERSONS_FILE).read_text())
+    return truth
+
+
+def test_planted_duplicates_and_their_person_truth(tmp_path: Path) -> None:
+    generate(tmp_path / "clean", patients=60, seed=4)
+    generate(tmp_path / "dup", patients=60, seed=4, duplicate_rate=0.3)
+    clean, dup = _load(tmp_path / "clean"), _load(tmp_path / "dup")
+    # The clean data of every person is unchanged by planting duplicates.
+    assert [r for r in dup["Observation"]] == clean["Observation"]
+    truth = _persons(tmp_path / "dup")
+    assert all(len(p["records"]) == 1 for p in _persons(tmp_path / "clean")["persons"])
+    records = [r for person in truth["persons"] for r in person["records"]]
+    assert sorted(r["id"] for r in records) == sorted(p["id"] for p in dup["Patient"])
+    unlinked = [r for r in records if r["kind"] == "unlinked_duplicate"]
+    assert 8 <= len(unlinked) <= 30
+    assert all(set(r["variations"]) <= set(synth.VARIATIONS) for r in unlinked)
+    patients = {p["id"]: p for p in dup["Patient"]}
+    for person in truth["persons"]:
+        original, *others = (patients[r["id"]] for r in person["records"])
+        for other in others:
+            assert "link" not in other and other["birthDate"][:4] == original["birthDate"][:4]
+            assert other["identifier"][0]["value"] != original["identifier"][0]["value"]
+    variations = Counter(v for r in unlinked for v in r["variations"])
+    assert len(variations) >= 5, variations
+    generate(tmp_path / "again", patients=60, seed=4, duplicate_rate=0.3)
+    for name in ("Patient.ndjson", synth.PERSONS_FILE):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "dup" / name).read_bytes()
+
+
+def test_a_second_source_shares_some_persons_under_its_own_ids(tmp_path: Path) -> None:
+    generate(tmp_path / "A", patients=50, seed=4)
+    generate(tmp_path / "B", patients=50, seed=4, source="B", overlap=0.5)
+    a = {p["id"]: p for p in _load(tmp_path / "A")["Patient"]}
+    b = {p["id"]: p for p in _load(tmp_path / "B")["Patient"]}
+    assert not set(a) & set(b)
+    clusters = synth.load_person_clusters(tmp_path / "A", tmp_path / "B")
+    shared = [members for members in clusters.values() if len(members) > 1]
+    assert 15 <= len(shared) <= 35
+    for members in shared:
+        (_, a_id), (_, b_id) = sorted(members)
+        assert a[a_id]["identifier"][0] != b[b_id]["identifier"][0]  # their own MRN
+        assert a[a_id]["identifier"][1] == b[b_id]["identifier"][1]  # the person's SSN
+    b_truth = _persons(tmp_path / "B")
+    assert b_truth["source"] == "B"
+    kinds = Counter(r["kind"] for p in b_truth["persons"] for r in p["records"])
+    assert kinds["other_source"] == len(shared)
+    with pytest.raises(ValueError, match="overlap"):
+        generate(tmp_path / "C", patients=1, seed=1, overlap=0.5)
+
+
 # The module is loaded on its own: the package's imports would set a peak far above the
 # generator's and hide any growth. VmHWM, unlike ru_maxrss, is not inherited across exec from
 # the (large) pytest process.

@@ -28,6 +28,8 @@ PATIENT: dict[str, Any] = {
     "birthDate": "1980-02-29",
     "address": [{"postalCode": "02139"}, {"postalCode": "10001"}],
     "deceasedBoolean": False,
+    "name": [{"family": "Brennan", "given": ["Maeve", "Anne"]}],
+    "link": [{"other": {"reference": "Patient/p0"}, "type": "replaces"}],
 }
 ENCOUNTER: dict[str, Any] = {
     "resourceType": "Encounter",
@@ -107,6 +109,10 @@ SHIPPED: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, pa.DataType]]
             "birth_year": "1980-02-29",
             "postal_code_3": "02139",
             "deceased": False,
+            "link_patient_id": "p0",
+            "link_type": "replaces",
+            "linkage_family": "Brennan",
+            "linkage_given": "Maeve",
         },
         {"deceased": pa.bool_()},
     ),
