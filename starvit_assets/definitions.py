@@ -29,6 +29,7 @@ from starvit_assets.defs.graph import tigergraph_load
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.retention import RETENTION_DEFS
 from starvit_assets.defs.subscriptions import medplum_subscription_events
+from starvit_assets.defs.terminology import terminology_code_validation
 from starvit_assets.defs.warehouse import WAREHOUSE_RAW_ASSETS
 from starvit_assets.ops.logging import configure_logging_from_env
 from starvit_assets.settings import load_settings
@@ -100,6 +101,12 @@ ZONE_POLICIES: dict[str, ZonePolicy] = {
         retention="replaced on every load",
         automation=downstream_condition(),
     ),
+    "terminology": ZonePolicy(
+        owner=ANALYTICS,
+        zone="research",
+        retention="replaced on every run (codes and answers only)",
+        automation=downstream_condition(),
+    ),
 }
 
 DAILY_FRESHNESS = dg.FreshnessPolicy.time_window(
@@ -130,7 +137,14 @@ def apply_platform_policies(spec: dg.AssetSpec) -> dg.AssetSpec:
 def build_definitions() -> dg.Definitions:
     settings = load_settings()
     definitions = dg.Definitions(
-        assets=[fhir_export, *DEID_ASSETS, *WAREHOUSE_RAW_ASSETS, dbt_models, tigergraph_load],
+        assets=[
+            fhir_export,
+            *DEID_ASSETS,
+            *WAREHOUSE_RAW_ASSETS,
+            terminology_code_validation,
+            dbt_models,
+            tigergraph_load,
+        ],
         jobs=[full_lineage_job, fhir_exports_job, *RETENTION_DEFS.jobs],
         schedules=[daily_full_lineage, *RETENTION_DEFS.schedules],
         sensors=[

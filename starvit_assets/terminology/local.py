@@ -93,6 +93,9 @@ class LocalTerminology:
     def description(self) -> str:
         return "embedded"
 
+    def close(self) -> None:
+        """Nothing to release: the content is in memory."""
+
     def _add_code_system(self, resource: dict[str, Any]) -> None:
         concepts = dict(_flatten(resource.get("concept", [])))
         self._code_systems[resource["url"]] = _CodeSystem(

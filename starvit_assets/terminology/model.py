@@ -129,6 +129,8 @@ class TerminologyService(Protocol):
 
     def translate_many(self, requests: Sequence[TranslateRequest]) -> list[Translation]: ...
 
+    def close(self) -> None: ...
+
 
 # --- Parameters on the wire ----------------------------------------------------------------
 # (name, value[x] key) of the parameters the operations take and give.
