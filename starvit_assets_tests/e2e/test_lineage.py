@@ -109,6 +109,35 @@ def plant_canaries(source: Path) -> None:
             handle.write(json.dumps(resource) + "\n")
 
 
+# Planted codes the terminology validation must find invalid (docs/terminology.md): an
+# unassigned LOINC code, and a known code under a misspelt system (a trailing slash).
+PLANTED_UNKNOWN_CODES = {
+    "terminology-unknown-code-0001": ("http://loinc.org", "99999-9"),
+    "terminology-unknown-system-0001": ("http://loinc.org/", "8867-4"),
+}
+
+
+def plant_unknown_codes(source: Path) -> None:
+    with (source / "Observation.ndjson").open("a") as handle:
+        for observation_id, (system, code) in PLANTED_UNKNOWN_CODES.items():
+            observation = {
+                "resourceType": "Observation",
+                "id": observation_id,
+                "meta": {"versionId": "1", "lastUpdated": "2024-05-06T07:08:09Z"},
+                "status": "final",
+                "code": {"coding": [{"system": system, "code": code}]},
+                "subject": {"reference": f"Patient/{CANARIES['patient_id']}"},
+                "effectiveDateTime": "2024-05-06T07:08:09+02:00",
+                "valueQuantity": {
+                    "value": 72,
+                    "unit": "/min",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "/min",
+                },
+            }
+            handle.write(json.dumps(observation) + "\n")
+
+
 @dataclass(frozen=True)
 class Lineage:
     home: Path
@@ -132,6 +161,7 @@ def lineage(platform_env: PlatformEnv, warehouse_dsn: str) -> Iterator[Lineage]:
     endpoints = platform.resolve_endpoints(settings)
     source = ensure_source_data(settings, patients=PATIENTS, seed=SEED)
     plant_canaries(source)
+    plant_unknown_codes(source)
     with BulkDataServer(source) as server:
         os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
         try:
@@ -407,6 +437,78 @@ def test_bmi_of_a_patient_measured_in_inches_and_pounds_is_hand_computed(lineage
             assert Decimal(str(row[0])) == expected
             assert row[1] is True
             assert row[2]
+
+
+def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_invalid(
+    lineage: Lineage,
+) -> None:
+    from starvit_assets.deid.engine import pseudonym
+    from starvit_assets.settings import load_settings
+
+    refined = load_settings().schema_name("refined")
+    tables = {"condition": None, "observation": None, "medication_request": None}
+    with psycopg.connect(lineage.warehouse_dsn) as connection:
+        for table in tables:
+            tables[table] = {
+                row[0]
+                for row in connection.execute(
+                    "select column_name from information_schema.columns "
+                    "where table_schema = %s and table_name = %s",
+                    (refined, table),
+                ).fetchall()
+            }
+
+        def rows(query: str, *args: object) -> list[tuple]:
+            return connection.execute(
+                sql.SQL(query).format(schema=sql.Identifier(refined)), args
+            ).fetchall()
+
+        planted = {
+            pseudonym(lineage.key, "Observation", observation_id): expected
+            for observation_id, expected in PLANTED_UNKNOWN_CODES.items()
+        }
+        found = rows(
+            "select observation_id, code_system_uri, code, code_is_valid, code_system_known "
+            "from {schema}.observation where observation_id = any(%s)",
+            list(planted),
+        )
+        unvalidated = rows(
+            "select count(*) from {schema}.observation where code is not null "
+            "and code_is_valid is null"
+        )
+        invalid_others = rows(
+            "select count(*) from {schema}.observation where not code_is_valid "
+            "and observation_id <> all(%s)",
+            list(planted),
+        )
+        conditions = rows(
+            "select count(*), count(*) filter (where snomed_code_is_valid and "
+            "icd10_code_is_valid and mapped_code = icd10_code) from {schema}.condition"
+        )
+        medications = rows(
+            "select count(*), count(*) filter (where code_is_valid) "
+            "from {schema}.medication_request"
+        )
+    assert {"snomed_code_is_valid", "icd10_code_is_valid", "mapped_system", "mapped_code"} <= (
+        tables["condition"] or set()
+    )
+    assert {"code_is_valid", "code_system_known", "mapped_system", "mapped_code"} <= (
+        tables["observation"] or set()
+    )
+    assert {"code_is_valid", "mapped_code"} <= (tables["medication_request"] or set())
+    by_id = {row[0]: row[1:] for row in found}
+    unknown_code, unknown_system = (
+        pseudonym(lineage.key, "Observation", observation_id)
+        for observation_id in PLANTED_UNKNOWN_CODES
+    )
+    assert by_id[unknown_code] == ("http://loinc.org", "99999-9", False, True)
+    assert by_id[unknown_system] == ("http://loinc.org/", "8867-4", False, False)
+    assert unvalidated == [(0,)]
+    assert invalid_others == [(0,)], "only the planted codes are invalid"
+    # Every synthetic condition is valid in both systems and maps to the ICD-10-CM code the
+    # generator paired it with; every medication is a valid RxNorm code.
+    assert conditions[0][0] > 0 and conditions[0][0] == conditions[0][1]
+    assert medications[0][0] > 0 and medications[0][0] == medications[0][1]
 
 
 # The two tests below change the warehouse: they stay last in this file.

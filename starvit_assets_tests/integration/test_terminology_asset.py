@@ -37,9 +37,13 @@ def raw_tables(warehouse_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         connection.execute(f"drop schema if exists {SCHEMA} cascade")
         connection.execute(f"create schema {SCHEMA}")
         connection.execute(f"create table {SCHEMA}.observation (code_system text, code text)")
-        connection.cursor().executemany(f"insert into {SCHEMA}.observation values (%s, %s)", OBSERVATIONS)
+        connection.cursor().executemany(
+            f"insert into {SCHEMA}.observation values (%s, %s)", OBSERVATIONS
+        )
         connection.execute(f"create table {SCHEMA}.condition (snomed_code text, icd10_code text)")
-        connection.cursor().executemany(f"insert into {SCHEMA}.condition values (%s, %s)", CONDITIONS)
+        connection.cursor().executemany(
+            f"insert into {SCHEMA}.condition values (%s, %s)", CONDITIONS
+        )
         connection.execute(f"create table {SCHEMA}.medication_request (rxnorm_code text)")
         connection.execute(f"insert into {SCHEMA}.medication_request values ('197361'), ('1')")
         # encounter is not loaded: the asset skips it and says so.

@@ -19,7 +19,7 @@ from starvit_assets.terminology.model import (
     TerminologyError,
     TranslateRequest,
 )
-from starvit_assets.terminology.server import Faults, TerminologyServer
+from starvit_assets.terminology.server import TerminologyServer
 
 FAST = ClientConfig(timeout_seconds=5.0, attempts=4, backoff_seconds=0.0, batch_size=50)
 VITAL_SIGNS = "https://starvit.example.org/fhir/ValueSet/vital-signs"

@@ -145,7 +145,7 @@ def test_shipped_code_systems_are_declared_fragments_with_a_licence_statement() 
 
 def test_unreadable_content_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "CodeSystem-bad.json").write_text("{not json")
-    with pytest.raises(ContentError, match="CodeSystem-bad.json: not readable JSON"):
+    with pytest.raises(ContentError, match=r"CodeSystem-bad\.json: not readable JSON"):
         LocalTerminology([tmp_path])
     (tmp_path / "CodeSystem-bad.json").write_text(
         json.dumps({"resourceType": "Patient", "url": "x"})
