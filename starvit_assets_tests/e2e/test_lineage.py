@@ -443,6 +443,7 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
     lineage: Lineage,
 ) -> None:
     from starvit_assets.deid.engine import pseudonym
+    from starvit_assets.fhir.synth import TRUTH_FILE
     from starvit_assets.settings import load_settings
 
     refined = load_settings().schema_name("refined")
@@ -476,18 +477,15 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
             "select count(*) from {schema}.observation where code is not null "
             "and code_is_valid is null"
         )
-        invalid_others = rows(
-            "select count(*) from {schema}.observation where not code_is_valid "
-            "and observation_id <> all(%s)",
-            list(planted),
-        )
+        invalid = rows("select observation_id from {schema}.observation where not code_is_valid")
         conditions = rows(
             "select count(*), count(*) filter (where snomed_code_is_valid and "
-            "icd10_code_is_valid and mapped_code = icd10_code) from {schema}.condition"
+            "icd10_code_is_valid and mapped_code = icd10_code) from {schema}.condition "
+            "where snomed_code is not null"
         )
         medications = rows(
             "select count(*), count(*) filter (where code_is_valid) "
-            "from {schema}.medication_request"
+            "from {schema}.medication_request where rxnorm_code is not null"
         )
     assert {"snomed_code_is_valid", "icd10_code_is_valid", "mapped_system", "mapped_code"} <= (
         tables["condition"] or set()
@@ -504,7 +502,17 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
     assert by_id[unknown_code] == ("http://loinc.org", "99999-9", False, True)
     assert by_id[unknown_system] == ("http://loinc.org/", "8867-4", False, False)
     assert unvalidated == [(0,)]
-    assert invalid_others == [(0,)], "only the planted codes are invalid"
+    # Exactly the planted codes are invalid: ours, and those the generator planted at its
+    # fault rate (truth.json; none at the default rate of 0).
+    truth_file = lineage.source / TRUTH_FILE
+    truth = json.loads(truth_file.read_text()) if truth_file.is_file() else {}
+    generator_planted = {
+        pseudonym(lineage.key, "Observation", fault["id"])
+        for kind in ("unknown_code", "unknown_code_system")
+        for fault in truth.get(kind, [])
+        if fault["resource_type"] == "Observation"
+    }
+    assert {row[0] for row in invalid} == set(planted) | generator_planted
     # Every synthetic condition is valid in both systems and maps to the ICD-10-CM code the
     # generator paired it with; every medication is a valid RxNorm code.
     assert conditions[0][0] > 0 and conditions[0][0] == conditions[0][1]
