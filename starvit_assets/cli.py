@@ -110,6 +110,42 @@ def _existing_ndjson_folder(folder: str) -> Path:
     return path
 
 
+# --- terminology --------------------------------------------------------------------------
+def cmd_terminology_serve(args: argparse.Namespace) -> int:
+    from starvit_assets.terminology.local import CONTENT_DIR, LocalTerminology
+    from starvit_assets.terminology.server import TerminologyServer
+
+    folders = [Path(folder).expanduser().resolve() for folder in args.content] or [CONTENT_DIR]
+    server = TerminologyServer(LocalTerminology(folders), host=args.host, port=args.port)
+    print(f"serving FHIR terminology from {', '.join(map(str, folders))} (Ctrl-C to stop)")
+    server.serve_forever(on_ready=lambda url: print(f"base URL: {url}", flush=True))
+    return 0
+
+
+def cmd_terminology_validate(args: argparse.Namespace) -> int:
+    from starvit_assets.terminology.model import Coding, TranslateRequest
+    from starvit_assets.terminology.service import terminology_service
+    from starvit_assets.terminology.validation import MAP_TARGETS
+
+    service = terminology_service(load_settings())
+    try:
+        coding = Coding(args.system, args.code)
+        answer = service.validate_code(coding)
+        state = "valid" if answer.valid else "INVALID"
+        print(f"{args.system}#{args.code}: {state} ({service.description})")
+        for label, text in (("display", answer.display), ("message", answer.message)):
+            if text:
+                print(f"  {label}: {text}")
+        target = MAP_TARGETS.get(args.system)
+        if answer.valid and target:
+            best = service.translate(TranslateRequest(coding, target_system=target)).best()
+            if best:
+                print(f"  maps to {best.target.system}#{best.target.code} ({best.equivalence})")
+    finally:
+        service.close()
+    return 0 if answer.valid else 1
+
+
 # --- views --------------------------------------------------------------------------------
 def cmd_views_conformance(args: argparse.Namespace) -> int:
     from starvit_assets.views.conformance import run_conformance
@@ -293,6 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=cmd_fhir_export)
 
+    terminology = zones.add_parser("terminology", help="FHIR terminology: local server, checks")
+    terminology_commands = terminology.add_subparsers(dest="terminology_command", required=True)
+    tx_serve = terminology_commands.add_parser(
+        "serve", help="serve the shipped CodeSystems, ValueSets and ConceptMaps over FHIR"
+    )
+    tx_serve.add_argument("--port", type=int, default=8095)
+    tx_serve.add_argument("--host", default="127.0.0.1")
+    tx_serve.add_argument(
+        "--content",
+        action="append",
+        default=[],
+        help="folder of terminology JSON resources (repeatable; default: the shipped content)",
+    )
+    tx_serve.set_defaults(handler=cmd_terminology_serve)
+    tx_validate = terminology_commands.add_parser(
+        "validate", help="validate one code with the configured terminology service"
+    )
+    tx_validate.add_argument("system", help="code system URI, e.g. http://loinc.org")
+    tx_validate.add_argument("code")
+    tx_validate.set_defaults(handler=cmd_terminology_validate)
+
     views = zones.add_parser("views", help="SQL on FHIR v2 ViewDefinitions")
     views_commands = views.add_subparsers(dest="views_command", required=True)
     conformance = views_commands.add_parser("conformance", help="run SQL on FHIR test files")
@@ -339,9 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from starvit_assets.exports import ExportRecordError
     from starvit_assets.fhir.errors import ExportError
+    from starvit_assets.terminology.local import ContentError
+    from starvit_assets.terminology.model import TerminologyError
     from starvit_assets.warehouse.embedded import EmbeddedPostgresError
 
-    return (CliError, SettingsError, ExportError, ExportRecordError, EmbeddedPostgresError)
+    return (
+        CliError,
+        SettingsError,
+        ExportError,
+        ExportRecordError,
+        EmbeddedPostgresError,
+        TerminologyError,
+        ContentError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

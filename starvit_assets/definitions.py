@@ -30,6 +30,7 @@ from starvit_assets.defs.linkage import person_patient_map
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.retention import RETENTION_DEFS
 from starvit_assets.defs.subscriptions import medplum_subscription_events
+from starvit_assets.defs.terminology import terminology_code_validation
 from starvit_assets.defs.warehouse import WAREHOUSE_RAW_ASSETS
 from starvit_assets.ops.logging import configure_logging_from_env
 from starvit_assets.settings import load_settings
@@ -107,6 +108,12 @@ ZONE_POLICIES: dict[str, ZonePolicy] = {
         retention="replaced on every load",
         automation=downstream_condition(),
     ),
+    "terminology": ZonePolicy(
+        owner=ANALYTICS,
+        zone="research",
+        retention="replaced on every run (codes and answers only)",
+        automation=downstream_condition(),
+    ),
 }
 
 DAILY_FRESHNESS = dg.FreshnessPolicy.time_window(
@@ -142,6 +149,7 @@ def build_definitions() -> dg.Definitions:
             *DEID_ASSETS,
             *WAREHOUSE_RAW_ASSETS,
             person_patient_map,
+            terminology_code_validation,
             dbt_models,
             tigergraph_load,
         ],

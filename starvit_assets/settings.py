@@ -129,6 +129,25 @@ class StarvitSettings(BaseSettings):
     tigergraph_max_attempts: int = Field(
         default=5, ge=1, description="Attempts per RESTPP request on transient errors"
     )
+    terminology_url: str | None = Field(
+        default=None,
+        description="FHIR terminology server base URL; the embedded local service when unset",
+    )
+    terminology_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Timeout of one terminology HTTP request"
+    )
+    terminology_batch_size: int = Field(
+        default=50, ge=1, description="Operation calls per FHIR batch Bundle"
+    )
+    terminology_cache_max_entries: int = Field(
+        default=100_000, ge=1, description="Most answers the terminology cache keeps"
+    )
+    terminology_min_valid_share: float = Field(
+        default=0.95, ge=0, le=1, description="Least share of valid codes per known code system"
+    )
+    terminology_max_unknown_system_share: float = Field(
+        default=0.05, ge=0, le=1, description="Largest share of coded rows in an unknown system"
+    )
 
     @model_validator(mode="after")
     def _absolute_home(self) -> StarvitSettings:

@@ -8,6 +8,7 @@ their SQL (``starvit_assets.lineage``).
 """
 
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from functools import cache
@@ -30,6 +31,7 @@ from starvit_assets.lineage import TableLineage, shipped_lineage, staging_model_
 from starvit_assets.settings import DBT_PROJECT_DIR, dbt_executable
 
 DBT_DOCS_PORT = 8580
+DBT_INDIRECT_SELECTION = "DBT_INDIRECT_SELECTION"
 LAYERS = ("staging", "refined", "derived")
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
@@ -224,4 +226,9 @@ def dbt_models(
     context: dg.AssetExecutionContext, dbt: DbtCliResource, platform: PlatformResource
 ) -> Iterator[Any]:
     platform.endpoints  # noqa: B018 - starts the embedded warehouse and exports the dbt env
+    # A run splits the dbt models into several steps when a non-dbt asset sits between them
+    # (terminology/code_validation: after dbt's source tests, before staging). dbt's default
+    # indirect selection (eager) would then run a refined model's relationships test with a
+    # seed in the seeds' step, before the model exists; "buildable" runs it with the model.
+    os.environ.setdefault(DBT_INDIRECT_SELECTION, "buildable")
     yield from dbt.cli(["build"], context=context).stream()

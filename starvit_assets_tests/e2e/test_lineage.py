@@ -115,6 +115,35 @@ def plant_canaries(source: Path) -> None:
             handle.write(json.dumps(resource) + "\n")
 
 
+# Planted codes the terminology validation must find invalid (docs/terminology.md): an
+# unassigned LOINC code, and a known code under a misspelt system (a trailing slash).
+PLANTED_UNKNOWN_CODES = {
+    "terminology-unknown-code-0001": ("http://loinc.org", "99999-9"),
+    "terminology-unknown-system-0001": ("http://loinc.org/", "8867-4"),
+}
+
+
+def plant_unknown_codes(source: Path) -> None:
+    with (source / "Observation.ndjson").open("a") as handle:
+        for observation_id, (system, code) in PLANTED_UNKNOWN_CODES.items():
+            observation = {
+                "resourceType": "Observation",
+                "id": observation_id,
+                "meta": {"versionId": "1", "lastUpdated": "2024-05-06T07:08:09Z"},
+                "status": "final",
+                "code": {"coding": [{"system": system, "code": code}]},
+                "subject": {"reference": f"Patient/{CANARIES['patient_id']}"},
+                "effectiveDateTime": "2024-05-06T07:08:09+02:00",
+                "valueQuantity": {
+                    "value": 72,
+                    "unit": "/min",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "/min",
+                },
+            }
+            handle.write(json.dumps(observation) + "\n")
+
+
 @dataclass(frozen=True)
 class Lineage:
     home: Path
@@ -138,6 +167,7 @@ def lineage(platform_env: PlatformEnv, warehouse_dsn: str) -> Iterator[Lineage]:
     endpoints = platform.resolve_endpoints(settings)
     source = ensure_source_data(settings, patients=PATIENTS, seed=SEED)
     plant_canaries(source)
+    plant_unknown_codes(source)
     with BulkDataServer(source) as server:
         os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
         try:
@@ -512,6 +542,86 @@ def test_bmi_of_a_patient_measured_in_inches_and_pounds_is_hand_computed(lineage
             assert Decimal(str(row[0])) == expected
             assert row[1] is True
             assert row[2]
+
+
+def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_invalid(
+    lineage: Lineage,
+) -> None:
+    from starvit_assets.deid.engine import pseudonym
+    from starvit_assets.fhir.synth import TRUTH_FILE
+    from starvit_assets.settings import load_settings
+
+    refined = load_settings().schema_name("refined")
+    tables = {"condition": None, "observation": None, "medication_request": None}
+    with psycopg.connect(lineage.warehouse_dsn) as connection:
+        for table in tables:
+            tables[table] = {
+                row[0]
+                for row in connection.execute(
+                    "select column_name from information_schema.columns "
+                    "where table_schema = %s and table_name = %s",
+                    (refined, table),
+                ).fetchall()
+            }
+
+        def rows(query: str, *args: object) -> list[tuple]:
+            return connection.execute(
+                sql.SQL(query).format(schema=sql.Identifier(refined)), args
+            ).fetchall()
+
+        planted = {
+            pseudonym(lineage.key, "Observation", observation_id): expected
+            for observation_id, expected in PLANTED_UNKNOWN_CODES.items()
+        }
+        found = rows(
+            "select observation_id, code_system_uri, code, code_is_valid, code_system_known "
+            "from {schema}.observation where observation_id = any(%s)",
+            list(planted),
+        )
+        unvalidated = rows(
+            "select count(*) from {schema}.observation where code is not null "
+            "and code_is_valid is null"
+        )
+        invalid = rows("select observation_id from {schema}.observation where not code_is_valid")
+        conditions = rows(
+            "select count(*), count(*) filter (where snomed_code_is_valid and "
+            "icd10_code_is_valid and mapped_code = icd10_code) from {schema}.condition "
+            "where snomed_code is not null"
+        )
+        medications = rows(
+            "select count(*), count(*) filter (where code_is_valid) "
+            "from {schema}.medication_request where rxnorm_code is not null"
+        )
+    assert {"snomed_code_is_valid", "icd10_code_is_valid", "mapped_system", "mapped_code"} <= (
+        tables["condition"] or set()
+    )
+    assert {"code_is_valid", "code_system_known", "mapped_system", "mapped_code"} <= (
+        tables["observation"] or set()
+    )
+    assert {"code_is_valid", "mapped_code"} <= (tables["medication_request"] or set())
+    by_id = {row[0]: row[1:] for row in found}
+    unknown_code, unknown_system = (
+        pseudonym(lineage.key, "Observation", observation_id)
+        for observation_id in PLANTED_UNKNOWN_CODES
+    )
+    assert by_id[unknown_code] == ("http://loinc.org", "99999-9", False, True)
+    assert by_id[unknown_system] == ("http://loinc.org/", "8867-4", False, False)
+    assert unvalidated == [(0,)]
+    # Exactly the planted codes are invalid: ours, and those the generator planted at its
+    # fault rate (truth.json; none at the default rate of 0).
+    truth_file = lineage.source / TRUTH_FILE
+    truth = json.loads(truth_file.read_text()) if truth_file.is_file() else {}
+    generator_planted = {
+        pseudonym(lineage.key, "Observation", fault["id"])
+        for kind in ("unknown_code", "unknown_code_system")
+        for fault in truth.get(kind, [])
+        if fault["resource_type"] == "Observation"
+    }
+    assert {row[0] for row in invalid} == set(planted) | generator_planted
+    # Every synthetic condition is valid in both systems and maps to the ICD-10-CM code the
+    # generator paired it with; every medication is a valid RxNorm code.
+    assert conditions[0][0] > 0 and conditions[0][0] == conditions[0][1]
+    assert medications[0][0] > 0 and medications[0][0] == medications[0][1]
 
 
 # The two tests below change the warehouse: they stay last in this file.

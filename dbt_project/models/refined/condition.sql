@@ -33,6 +33,38 @@ final as (
 
     from latest
 
+),
+
+-- terminology: appended last so the columns above keep their place
+code_validation as (
+
+    select
+        validations.*,
+        validated_systems.code_system
+
+    from {{ ref('stg_terminology__code_validation') }} as validations
+    inner join {{ ref('code_systems') }} as validated_systems
+        on validations.code_system_uri = validated_systems.code_system_uri
+
+),
+
+validated as (
+
+    select
+        final.*,
+        snomed.code_is_valid as snomed_code_is_valid,
+        icd10.code_is_valid as icd10_code_is_valid,
+        snomed.mapped_system_uri as mapped_system,
+        snomed.mapped_code
+
+    from final
+    left join code_validation as snomed
+        on snomed.code_system = 'snomed'
+        and final.snomed_code = snomed.code
+    left join code_validation as icd10
+        on icd10.code_system = 'icd10cm'
+        and final.icd10_code = icd10.code
+
 )
 
-select * from final
+select * from validated

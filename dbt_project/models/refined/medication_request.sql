@@ -29,6 +29,34 @@ final as (
 
     from latest
 
+),
+
+-- terminology: appended last so the columns above keep their place
+code_validation as (
+
+    select
+        validations.*,
+        validated_systems.code_system
+
+    from {{ ref('stg_terminology__code_validation') }} as validations
+    inner join {{ ref('code_systems') }} as validated_systems
+        on validations.code_system_uri = validated_systems.code_system_uri
+
+),
+
+validated as (
+
+    select
+        final.*,
+        code_validation.code_is_valid,
+        code_validation.mapped_system_uri as mapped_system,
+        code_validation.mapped_code
+
+    from final
+    left join code_validation
+        on code_validation.code_system = 'rxnorm'
+        and final.rxnorm_code = code_validation.code
+
 )
 
-select * from final
+select * from validated

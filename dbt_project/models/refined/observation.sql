@@ -77,6 +77,29 @@ final as (
         on coded.value_unit_code = ucum_conversions.unit_code
         and (coded.value_unit_system_uri is null or coded.value_unit_code_system = 'ucum')
 
+),
+
+-- terminology: appended last so the columns above keep their place
+code_validation as (
+
+    select * from {{ ref('stg_terminology__code_validation') }}
+
+),
+
+validated as (
+
+    select
+        final.*,
+        code_validation.code_is_valid,
+        code_validation.code_system_known,
+        code_validation.mapped_system_uri as mapped_system,
+        code_validation.mapped_code
+
+    from final
+    left join code_validation
+        on final.code_system_uri = code_validation.code_system_uri
+        and final.code = code_validation.code
+
 )
 
-select * from final
+select * from validated

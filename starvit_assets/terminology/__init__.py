@@ -1,0 +1,1 @@
+"""FHIR terminology: the embedded local service, the remote client, the local server."""
