@@ -479,6 +479,14 @@ class BulkDataClient:
         source = (request or ExportRequest()).source(self.base_url)
         return ExportStateStore(self.config.state_dir).load_job(source) is not None
 
+    def watermark(self, request: ExportRequest | None = None) -> str | None:
+        """The stored `_since` watermark an incremental export of ``request`` would use."""
+        if not self.config.state_dir:
+            return None
+        request = request or ExportRequest()
+        store = ExportStateStore(self.config.state_dir)
+        return store.watermark(request.source(self.base_url), request.types or None)
+
     def cancel_saved_export(self, request: ExportRequest | None = None) -> bool:
         """Abandon the saved, unfinished export of this request's source: DELETE and forget it."""
         if not self.config.state_dir:
