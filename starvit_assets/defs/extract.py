@@ -44,6 +44,7 @@ from starvit_assets.views.runner import shipped_views
 RESOURCE_TYPES = ("Patient", "Encounter", "Observation", "Condition", "MedicationRequest")
 GROUP = "phi_extract"
 MANIFEST_CHECK = "manifest_counts_match"
+EMBEDDED_SOURCE_PREFIX = "embedded+"
 
 # One partition per UTC day; end_offset=1 makes today's partition exist from midnight, so the
 # schedule, the sensors and the demo all export into the day they run on.
@@ -85,7 +86,8 @@ def fhir_base_url(settings: StarvitSettings) -> Iterator[str]:
                 f"no FHIR source configured and no NDJSON files in {source}: set "
                 "STARVIT_FHIR_BASE_URL, or run `starvit fhir synth --out "
                 f"{source}` (or `make demo`) to generate synthetic data"
-            )
+            ),
+            allow_retries=False,
         )
     with BulkDataServer(source) as server:
         yield server.base_url
@@ -164,7 +166,8 @@ def fhir_export(
             description=(
                 "the FHIR exports are partitioned by day: run one partition (today's for a "
                 f"regular export, {current_partition_key()} now), not a range or no partition"
-            )
+            ),
+            allow_retries=False,
         )
     window = context.partition_time_window
     selected = [t for t in RESOURCE_TYPES if fhir_asset_key(t) in context.selected_asset_keys]
@@ -172,10 +175,21 @@ def fhir_export(
     started = time.monotonic()
     with fhir_base_url(settings) as base_url:
         # Only a configured server needs credentials; the embedded one serves the local folder.
-        auth = load_auth_from_env(fhir_base_url=base_url) if settings.fhir_base_url else None
+        embedded = not settings.fhir_base_url
+        auth = None if embedded else load_auth_from_env(fhir_base_url=base_url)
         state_dir = settings.home / "state" / "fhir"
-        with BulkDataClient(base_url, auth=auth, state_dir=state_dir) as client:
+        # The embedded server listens on a new port each run: a stable name keeps its
+        # watermarks, and its exports, held in the memory of a stopped server, cannot resume.
+        source_name = EMBEDDED_SOURCE_PREFIX + settings.embedded_source_dir.as_uri()
+        with BulkDataClient(
+            base_url,
+            auth=auth,
+            state_dir=state_dir,
+            source_name=source_name if embedded else None,
+        ) as client:
             request = ExportRequest(types=tuple(selected))
+            if embedded and client.cancel_saved_export(request):
+                context.log.info("a saved export of the embedded server was discarded")
             plan = plan_since(
                 watermark=client.watermark(request),
                 window_start=window.start,
