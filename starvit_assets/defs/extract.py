@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -33,7 +34,12 @@ from starvit_assets.exports import (
     staging_dir,
 )
 from starvit_assets.fhir.auth import load_auth_from_env
-from starvit_assets.fhir.client import BulkDataClient, ExportRequest, ExportResult
+from starvit_assets.fhir.client import (
+    BulkDataClient,
+    ExportProgress,
+    ExportRequest,
+    ExportResult,
+)
 from starvit_assets.fhir.errors import ExportError
 from starvit_assets.fhir.increments import plan_since
 from starvit_assets.fhir.server import BulkDataServer
@@ -102,6 +108,23 @@ class FhirExportConfig(dg.Config):
 
 INCREMENTAL_EXPORT = {"ops": {"fhir_export": {"config": {"full_refresh": False}}}}
 FULL_REFRESH_EXPORT = {"ops": {"fhir_export": {"config": {"full_refresh": True}}}}
+
+
+@dataclass
+class _ProgressTrail:
+    """Export progress into the run's log, and the last X-Progress into the metadata. The
+    client limits ``detail`` to a status, an X-Progress text or a local file name."""
+
+    log: dg.DagsterLogManager
+    status_polls: int = 0
+    last_progress: str = ""
+
+    def __call__(self, progress: ExportProgress) -> None:
+        if progress.event == "waiting":
+            self.status_polls += 1
+            self.last_progress = progress.detail
+        if progress.event in {"waiting", "manifest", "resume", "abandon", "re-kick"}:
+            self.log.info(f"FHIR export {progress.event}: {progress.detail}")
 
 
 def _export_contract(resource_type: str) -> dict[str, object]:
@@ -173,6 +196,7 @@ def fhir_export(
     selected = [t for t in RESOURCE_TYPES if fhir_asset_key(t) in context.selected_asset_keys]
     incoming = settings.phi_staging_dir / "_incoming"
     started = time.monotonic()
+    trail = _ProgressTrail(context.log)
     with fhir_base_url(settings) as base_url:
         # Only a configured server needs credentials; the embedded one serves the local folder.
         embedded = not settings.fhir_base_url
@@ -186,6 +210,7 @@ def fhir_export(
             auth=auth,
             state_dir=state_dir,
             source_name=source_name if embedded else None,
+            progress=trail,
         ) as client:
             request = ExportRequest(types=tuple(selected))
             if embedded and client.cancel_saved_export(request):
@@ -242,6 +267,9 @@ def fhir_export(
                 "export_error_issue_codes": dg.MetadataValue.json(dict(result.error_issue_counts)),
                 "deleted_in_export": dg.MetadataValue.int(result.deleted_count),
                 "resumed": result.resumed,
+                "rekicks": dg.MetadataValue.int(result.rekicks),
+                "status_polls": dg.MetadataValue.int(trail.status_polls),
+                "last_x_progress": trail.last_progress,
                 "partition": context.partition_key,
                 "full_refresh": config.full_refresh,
                 "incremental": result.since is not None,

@@ -100,6 +100,10 @@ def test_partitions_run_full_then_incremental_and_never_skip_an_undeidentified_e
     assert first["Patient"]["partition"] == current_partition_key()
     for resource_type in TYPES:
         assert first[resource_type]["resources"] == exports.counts[resource_type]
+    # The metadata the issue asks for: counts, transactionTime, duration, files, errors.
+    for name in ("transaction_time", "duration_seconds", "files", "export_errors"):
+        assert name in first["Observation"], name
+    assert first["Observation"]["status_polls"] >= 0 and "last_x_progress" in first["Observation"]
 
     # Not de-identified in between: the next export may not start at the new watermark.
     second = exports.run()
