@@ -224,8 +224,9 @@ def fhir_export(
             )
             context.log.info(f"export of {', '.join(selected)}: {plan.reason}")
             request = request.with_since(plan.since)
-            # A saved, unfinished export resumes into the files it already downloaded.
-            if incoming.exists() and not client.has_saved_export(request):
+            # A saved, unfinished export of this very request resumes into the files it
+            # already downloaded; any other leftovers go, or they would linger in staging.
+            if incoming.exists() and not client.can_resume(request):
                 shutil.rmtree(incoming)
             try:
                 result = client.export(incoming, request=request)

@@ -484,6 +484,15 @@ class BulkDataClient:
         source = (request or ExportRequest()).source(self.source_name)
         return ExportStateStore(self.config.state_dir).load_job(source) is not None
 
+    def can_resume(self, request: ExportRequest | None = None) -> bool:
+        """Whether ``export(request=request)`` would resume a saved export (same request, not
+        too old) rather than abandon it and start again."""
+        if not self.config.state_dir:
+            return False
+        request = request or ExportRequest()
+        job = ExportStateStore(self.config.state_dir).load_job(request.source(self.source_name))
+        return job is not None and self._abandon_reason(job, request) is None
+
     def watermark(self, request: ExportRequest | None = None) -> str | None:
         """The stored `_since` watermark an incremental export of ``request`` would use."""
         if not self.config.state_dir:
@@ -574,11 +583,7 @@ class BulkDataClient:
         job = store.load_job(source)
         if job is None:
             return None
-        reason = None
-        if job.fingerprint != request.fingerprint():
-            reason = "a different request was made"
-        elif job.age_seconds() > self.config.abandon_after_seconds:
-            reason = f"it is older than {self.config.abandon_after_seconds:.0f} s"
+        reason = self._abandon_reason(job, request)
         if reason:
             logger.info("abandoning the saved export (%s): cancelling it", reason)
             self._emit("abandon", reason)
@@ -592,6 +597,13 @@ class BulkDataClient:
         )
         self._emit("resume", job.kicked_off_at, len(job.files))
         return job
+
+    def _abandon_reason(self, job: JobState, request: ExportRequest) -> str | None:
+        if job.fingerprint != request.fingerprint():
+            return "a different request was made"
+        if job.age_seconds() > self.config.abandon_after_seconds:
+            return f"it is older than {self.config.abandon_after_seconds:.0f} s"
+        return None
 
     def _finish(
         self,
