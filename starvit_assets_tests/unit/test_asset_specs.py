@@ -185,6 +185,18 @@ def test_an_export_pulls_its_chain_in_one_tick_once_and_a_failed_check_stops_it(
         )
         assert following.total_requested == 0, "requested once, not again on the next tick"
 
+        # A past day's export does not trigger the chain (the gate follows the latest
+        # partition; docs/extract.md says how such an export is picked up).
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=dg.AssetKey(["fhir", "Patient"]), partition="2025-06-01"
+            )
+        )
+        past = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=following.cursor
+        )
+        assert past.total_requested == 0
+
 
 def test_the_automation_sensor_runs_by_default_over_every_automated_asset() -> None:
     repository = defs.get_repository_def()
