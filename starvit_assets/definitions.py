@@ -19,6 +19,7 @@ from starvit_assets.defs.automation import (
     dbt_condition,
     downstream_condition,
     fhir_exports_job,
+    fhir_full_refresh_job,
     full_lineage_job,
     new_fhir_data,
 )
@@ -153,7 +154,7 @@ def build_definitions() -> dg.Definitions:
             dbt_models,
             tigergraph_load,
         ],
-        jobs=[full_lineage_job, fhir_exports_job, *RETENTION_DEFS.jobs],
+        jobs=[full_lineage_job, fhir_exports_job, fhir_full_refresh_job, *RETENTION_DEFS.jobs],
         schedules=[daily_full_lineage, *RETENTION_DEFS.schedules],
         sensors=[
             new_fhir_data,

@@ -70,14 +70,20 @@ def materialize_all(
 ) -> RunSummary:
     """Run the ``full_lineage`` job in process against the persistent instance.
 
-    With ``log_path``, the run's console output (Dagster's and dbt's) goes to that file; with
-    ``asset_keys``, only those assets (and their checks) run.
+    The exports run as a full refresh into today's partition, so every run sees the whole
+    source folder, whatever its resources' ``meta.lastUpdated``. With ``log_path``, the run's
+    console output (Dagster's and dbt's) goes to that file; with ``asset_keys``, only those
+    assets (and their checks) run.
     """
     from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance
 
     from starvit_assets.definitions import defs
+    from starvit_assets.defs.extract import FULL_REFRESH_EXPORT, current_partition_key
 
     job = defs.resolve_job_def("full_lineage")
+    run_config: dict[str, object] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    if asset_keys is None or any(key.path[0] == "fhir" for key in asset_keys):
+        run_config.update(FULL_REFRESH_EXPORT)
     with ExitStack() as stack:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +95,8 @@ def materialize_all(
         result = job.execute_in_process(
             instance=instance,
             raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            run_config=run_config,
+            partition_key=current_partition_key(),
             asset_selection=list(asset_keys) if asset_keys else None,
         )
     summary = RunSummary(success=result.success, run_id=result.run_id)

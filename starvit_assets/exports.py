@@ -27,6 +27,8 @@ class StagedExport:
     transaction_time: str
     files: tuple[str, ...]
     count: int
+    since: str | None = None
+    """The `_since` the export was made with (None: a full export)."""
 
     def paths(self, settings: StarvitSettings) -> list[Path]:
         return [staging_dir(settings, self.export_id) / name for name in self.files]
@@ -66,6 +68,7 @@ def latest_staged_export(settings: StarvitSettings, resource_type: str) -> Stage
         transaction_time=raw["transaction_time"],
         files=tuple(raw["files"]),
         count=int(raw["count"]),
+        since=raw.get("since"),
     )
 
 

@@ -2,18 +2,27 @@
 
 * The FHIR exports are the only assets started by a schedule or a sensor: the daily schedule,
   the new-FHIR-data sensor and the Medplum subscription sensor (``defs/subscriptions.py``)
-  all target the ``fhir_exports`` job (the ``phi_extract`` group).
+  all target today's partition of the ``fhir_exports`` job (the ``phi_extract`` group),
+  incremental from the stored watermark; ``fhir_full_refresh`` is the same job as a full
+  export.
 * Everything downstream follows by declarative automation: each zone's condition is set in
   the one-pass policy of ``definitions.py`` (``ZONE_POLICIES``), and the automation condition
   sensor below evaluates them.
 * ``full_lineage`` stays as the manual "everything, in one run" job (demo, first load).
 """
 
+import datetime as dt
 import hashlib
 from pathlib import Path
 
 import dagster as dg
 
+from starvit_assets.defs.extract import (
+    EXPORT_PARTITIONS,
+    FULL_REFRESH_EXPORT,
+    INCREMENTAL_EXPORT,
+    current_partition_key,
+)
 from starvit_assets.defs.extract import GROUP as EXPORT_GROUP
 from starvit_assets.fhir.auth import load_auth_from_env
 from starvit_assets.fhir.client import BulkDataClient
@@ -35,21 +44,37 @@ full_lineage_job = dg.define_asset_job(
 fhir_exports_job = dg.define_asset_job(
     "fhir_exports",
     selection=dg.AssetSelection.groups(EXPORT_GROUP),
+    partitions_def=EXPORT_PARTITIONS,
     description=(
-        "FHIR Bulk Data exports only (all types, or the subset a run request selects); the "
-        "assets downstream follow by their automation conditions."
+        "FHIR Bulk Data exports only (all types, or the subset a run request selects), "
+        "incremental from the stored watermark, into one day's partition; the assets "
+        "downstream follow by their automation conditions."
+    ),
+)
+
+fhir_full_refresh_job = dg.define_asset_job(
+    "fhir_full_refresh",
+    selection=dg.AssetSelection.groups(EXPORT_GROUP),
+    partitions_def=EXPORT_PARTITIONS,
+    config=FULL_REFRESH_EXPORT,
+    description=(
+        "A full FHIR export that ignores the stored watermarks (first load, after a restore, "
+        "or to re-sync a server that reports no deletions); run it for today's partition."
     ),
 )
 
 # The name is kept (its on/off state is stored under it); it still yields the daily lineage:
 # the exports run here and the automation condition sensor runs everything downstream.
-daily_full_lineage = dg.ScheduleDefinition(
+daily_full_lineage = dg.build_schedule_from_partitioned_job(
+    fhir_exports_job,
     name="daily_full_lineage",
-    job=fhir_exports_job,
-    cron_schedule="0 2 * * *",
-    execution_timezone="UTC",
+    hour_of_day=2,
+    minute_of_hour=0,
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="A full FHIR export of every type at 02:00 UTC; downstream follows by automation.",
+    description=(
+        "At 02:00 UTC, today's partition of the FHIR exports, every type, incremental from "
+        "the stored watermark; downstream follows by automation."
+    ),
 )
 
 
@@ -124,9 +149,10 @@ def source_fingerprint(folder: Path) -> str | None:
     job=fhir_exports_job,
     minimum_interval_seconds=60,
     description=(
-        "Starts the FHIR exports when the source has new data: resources updated since the "
-        "last run (a `_lastUpdated` count search) on a configured server, or a change to the "
-        "embedded server's NDJSON folder. Downstream follows by declarative automation."
+        "Starts today's partition of the FHIR exports when the source has new data: an "
+        "incremental export when a configured server reports resources updated since the last "
+        "run (a `_lastUpdated` count search), a full refresh when the embedded server's NDJSON "
+        "folder changed. Downstream follows by declarative automation."
     ),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
@@ -139,20 +165,25 @@ def new_fhir_data(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.S
         return dg.SkipReason("no NDJSON files in the embedded source folder")
     if fingerprint == context.cursor:
         return dg.SkipReason("the embedded source folder has not changed")
-    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=fingerprint)], cursor=fingerprint)
-
-
-INCREMENTAL_EXPORT = {"ops": {"fhir_export": {"config": {"incremental": True}}}}
+    # Files edited in place keep whatever meta.lastUpdated they had: only a full export is sure
+    # to see the change.
+    request = dg.RunRequest(
+        run_key=fingerprint,
+        partition_key=current_partition_key(),
+        run_config=FULL_REFRESH_EXPORT,
+    )
+    return dg.SensorResult(run_requests=[request], cursor=fingerprint)
 
 
 def _changed_on_server(
     context: dg.SensorEvaluationContext, base_url: str, types: list[str]
 ) -> dg.SensorResult | dg.SkipReason:
-    import datetime as dt
-
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    moment = dt.datetime.now(dt.UTC)
+    now = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    partition = current_partition_key(moment)
     if context.cursor is None:
-        return dg.SensorResult(run_requests=[dg.RunRequest(run_key=now)], cursor=now)
+        first = dg.RunRequest(run_key=now, partition_key=partition, run_config=INCREMENTAL_EXPORT)
+        return dg.SensorResult(run_requests=[first], cursor=now)
     try:
         auth = load_auth_from_env(fhir_base_url=base_url)
         with BulkDataClient(base_url, auth=auth) as client:
@@ -161,7 +192,6 @@ def _changed_on_server(
         return dg.SkipReason(f"could not ask the FHIR server for changes: {error}")
     if changed == 0:
         return dg.SkipReason(f"no resources updated since {context.cursor}")
-    # Only what changed since the last export's watermark; the daily schedule exports in full.
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=now, run_config=INCREMENTAL_EXPORT)], cursor=now
-    )
+    # Only what changed since the last export's watermark.
+    request = dg.RunRequest(run_key=now, partition_key=partition, run_config=INCREMENTAL_EXPORT)
+    return dg.SensorResult(run_requests=[request], cursor=now)

@@ -14,7 +14,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from starvit_assets.defs.extract import fhir_asset_key
+from starvit_assets.defs.extract import fhir_dep
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.deid.engine import DeidError
 from starvit_assets.deid.kanonymity import PATIENT_QUASI_IDENTIFIERS, k_anonymity
@@ -105,7 +105,7 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=deid_asset_key(table),
-        deps=[fhir_asset_key(resource_type)],
+        deps=[fhir_dep(resource_type)],
         group_name=GROUP,
         kinds={"parquet", "pyarrow"},
         description=(

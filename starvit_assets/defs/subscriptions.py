@@ -7,8 +7,8 @@ keeps **only the resource type(s) it names and the time received**: never an id,
 or any content. It writes them as a small event file into
 ``$STARVIT_HOME/state/subscription-events/``, the non-PHI bookkeeping folder. The
 ``medplum_subscription_events`` sensor turns the waiting files into one run request of the
-``fhir_exports`` job for the named ``fhir/<Type>`` assets (an incremental export from the
-stored watermark); declarative automation takes it from there.
+``fhir_exports`` job for the named ``fhir/<Type>`` assets (today's partition, an incremental
+export from the stored watermark); declarative automation takes it from there.
 
 The receiver checks, when configured, a bearer token (the Subscription's ``channel.header``)
 and Medplum's ``X-Signature`` (HMAC-SHA256 of the body under the Subscription's
@@ -37,8 +37,13 @@ from typing import Any
 
 import dagster as dg
 
-from starvit_assets.defs.automation import INCREMENTAL_EXPORT, fhir_exports_job, full_lineage_job
-from starvit_assets.defs.extract import RESOURCE_TYPES, fhir_asset_key
+from starvit_assets.defs.automation import (
+    INCREMENTAL_EXPORT,
+    fhir_exports_job,
+    fhir_full_refresh_job,
+    full_lineage_job,
+)
+from starvit_assets.defs.extract import RESOURCE_TYPES, current_partition_key, fhir_asset_key
 from starvit_assets.ops.logging import read_secret
 from starvit_assets.settings import StarvitSettings, load_settings
 
@@ -348,7 +353,7 @@ def _export_in_flight(instance: dg.DagsterInstance) -> bool:
         ),
         limit=100,
     )
-    export_jobs = {fhir_exports_job.name, full_lineage_job.name}
+    export_jobs = {fhir_exports_job.name, fhir_full_refresh_job.name, full_lineage_job.name}
     return any(record.dagster_run.job_name in export_jobs for record in runs)
 
 
@@ -399,6 +404,7 @@ def medplum_subscription_events(context: dg.SensorEvaluationContext) -> dg.Senso
     request = dg.RunRequest(
         run_key=run_key,
         asset_selection=[fhir_asset_key(t) for t in selected],
+        partition_key=current_partition_key(),
         run_config=INCREMENTAL_EXPORT,
         tags={TRIGGER_TAG: "medplum-subscription", "starvit/resource_types": ",".join(selected)},
     )

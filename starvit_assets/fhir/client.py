@@ -379,6 +379,9 @@ class BulkDataClient:
     manifest pages and DELETE, and for downloads only when the manifest says
     ``requiresAccessToken: true``; otherwise downloads go through a second client that has
     never seen the token (files are often on a third-party object store).
+
+    ``source_name`` names the server in the state folder (watermarks, saved jobs) in place of
+    ``base_url``: a server on an ephemeral port (the embedded one) keeps its watermarks that way.
     """
 
     def __init__(
@@ -394,6 +397,7 @@ class BulkDataClient:
         config: ExportConfig | None = None,
         state_dir: Path | None = None,
         progress: Callable[[ExportProgress], None] | None = None,
+        source_name: str | None = None,
     ) -> None:
         config = config or ExportConfig.from_env()
         overrides: dict[str, Any] = {}
@@ -407,6 +411,7 @@ class BulkDataClient:
             overrides["state_dir"] = Path(state_dir).expanduser()
         self.config = dataclasses.replace(config, **overrides) if overrides else config
         self.base_url = base_url.rstrip("/")
+        self.source_name = (source_name or base_url).rstrip("/")
         self._auth = auth
         self._progress = progress
         timeouts = httpx.Timeout(self.config.read_timeout, connect=self.config.connect_timeout)
@@ -457,7 +462,7 @@ class BulkDataClient:
         elif types is not None or since is not None:
             raise ValueError("give types and since inside the ExportRequest")
         fail = self.config.fail_on_errors if fail_on_errors is None else fail_on_errors
-        source = request.source(self.base_url)
+        source = request.source(self.source_name)
         store = ExportStateStore(self.config.state_dir) if self.config.state_dir else None
         if incremental and request.since is None:
             if store is None:
@@ -476,15 +481,32 @@ class BulkDataClient:
         """Whether an unfinished export of this request's source is saved for resuming."""
         if not self.config.state_dir:
             return False
-        source = (request or ExportRequest()).source(self.base_url)
+        source = (request or ExportRequest()).source(self.source_name)
         return ExportStateStore(self.config.state_dir).load_job(source) is not None
+
+    def can_resume(self, request: ExportRequest | None = None) -> bool:
+        """Whether ``export(request=request)`` would resume a saved export (same request, not
+        too old) rather than abandon it and start again."""
+        if not self.config.state_dir:
+            return False
+        request = request or ExportRequest()
+        job = ExportStateStore(self.config.state_dir).load_job(request.source(self.source_name))
+        return job is not None and self._abandon_reason(job, request) is None
+
+    def watermark(self, request: ExportRequest | None = None) -> str | None:
+        """The stored `_since` watermark an incremental export of ``request`` would use."""
+        if not self.config.state_dir:
+            return None
+        request = request or ExportRequest()
+        store = ExportStateStore(self.config.state_dir)
+        return store.watermark(request.source(self.source_name), request.types or None)
 
     def cancel_saved_export(self, request: ExportRequest | None = None) -> bool:
         """Abandon the saved, unfinished export of this request's source: DELETE and forget it."""
         if not self.config.state_dir:
             return False
         store = ExportStateStore(self.config.state_dir)
-        source = (request or ExportRequest()).source(self.base_url)
+        source = (request or ExportRequest()).source(self.source_name)
         with store.lock(source):
             job = store.load_job(source)
             if job is None:
@@ -561,11 +583,7 @@ class BulkDataClient:
         job = store.load_job(source)
         if job is None:
             return None
-        reason = None
-        if job.fingerprint != request.fingerprint():
-            reason = "a different request was made"
-        elif job.age_seconds() > self.config.abandon_after_seconds:
-            reason = f"it is older than {self.config.abandon_after_seconds:.0f} s"
+        reason = self._abandon_reason(job, request)
         if reason:
             logger.info("abandoning the saved export (%s): cancelling it", reason)
             self._emit("abandon", reason)
@@ -579,6 +597,13 @@ class BulkDataClient:
         )
         self._emit("resume", job.kicked_off_at, len(job.files))
         return job
+
+    def _abandon_reason(self, job: JobState, request: ExportRequest) -> str | None:
+        if job.fingerprint != request.fingerprint():
+            return "a different request was made"
+        if job.age_seconds() > self.config.abandon_after_seconds:
+            return f"it is older than {self.config.abandon_after_seconds:.0f} s"
+        return None
 
     def _finish(
         self,

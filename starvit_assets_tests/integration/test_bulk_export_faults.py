@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from starvit_assets.cli import EXIT_USER_ERROR, main
-from starvit_assets.fhir.client import BulkDataClient, ExportConfig, ExportProgress
+from starvit_assets.fhir.client import BulkDataClient, ExportConfig, ExportProgress, ExportRequest
 from starvit_assets.fhir.errors import ExportError
 from starvit_assets.fhir.server import BulkDataServer, Faults, ServerRequest
 from starvit_assets.fhir.synth import generate
@@ -335,9 +335,10 @@ def test_abandoned_export_is_cancelled_before_a_new_one(
             stopping.export(tmp_path / "a", types=["Patient", "Condition"])
         old_status = next(r.path for r in server.requests if "$export-status" in r.path)
         server.clear_requests()
-        result = BulkDataClient(server.base_url, config=config).export(
-            tmp_path / "b", types=["Observation"]
-        )
+        client = BulkDataClient(server.base_url, config=config)
+        assert client.can_resume(ExportRequest(types=("Patient", "Condition")))
+        assert not client.can_resume(ExportRequest(types=("Observation",)))
+        result = client.export(tmp_path / "b", types=["Observation"])
         seen = server.requests
     assert not result.resumed
     assert seen[0].method == "DELETE" and seen[0].path == old_status

@@ -18,6 +18,7 @@ import pytest
 from dagster._core.test_utils import create_run_for_test
 
 from starvit_assets.defs.automation import INCREMENTAL_EXPORT
+from starvit_assets.defs.extract import current_partition_key
 from starvit_assets.defs.subscriptions import (
     SENSOR_NAME,
     SubscriptionReceiver,
@@ -255,6 +256,7 @@ def test_the_sensor_requests_one_export_of_the_notified_types_and_no_duplicate(
     ]
     assert request.run_key and request.run_key.startswith("medplum-")
     assert request.run_config == INCREMENTAL_EXPORT
+    assert request.partition_key == current_partition_key()
     assert request.tags["starvit/trigger"] == "medplum-subscription"
     for fragment in PHI:
         assert fragment not in json.dumps([request.run_key, dict(request.tags), first.cursor])

@@ -15,6 +15,7 @@ import pytest
 from starvit_assets.definitions import ZONE_POLICIES, defs
 from starvit_assets.defs.automation import AUTOMATION_SENSOR
 from starvit_assets.defs.extract import GROUP as EXPORT_GROUP
+from starvit_assets.defs.extract import current_partition_key
 
 SNAPSHOT = Path(__file__).with_name("snapshots") / "asset_specs.json"
 
@@ -135,9 +136,17 @@ def test_an_export_pulls_its_chain_in_one_tick_once_and_a_failed_check_stops_it(
     with dg.DagsterInstance.ephemeral() as instance:
         initial = dg.evaluate_automation_conditions(defs=defs, instance=instance)
         assert initial.total_requested == 0, "nothing runs on the first evaluation"
-        # Everything materialized once, every check passed (as a full_lineage run leaves it).
+        # Everything materialized once, every check passed (as a full_lineage run leaves it);
+        # the exports into today's partition.
+        today = current_partition_key()
+
+        def partition_of(key: dg.AssetKey) -> str | None:
+            return today if graph.get(key).partitions_def is not None else None
+
         for key in graph.materializable_asset_keys:
-            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key=key, partition=partition_of(key))
+            )
             for check in graph.get(key).check_keys:
                 instance.report_runless_asset_event(
                     dg.AssetCheckEvaluation(asset_key=key, check_name=check.name, passed=True)
@@ -150,7 +159,9 @@ def test_an_export_pulls_its_chain_in_one_tick_once_and_a_failed_check_stops_it(
         # New Patient and Condition exports; the Condition export's blocking check failed.
         for resource_type, passed in (("Patient", True), ("Condition", False)):
             key = dg.AssetKey(["fhir", resource_type])
-            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key))
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key=key, partition=today)
+            )
             instance.report_runless_asset_event(
                 dg.AssetCheckEvaluation(
                     asset_key=key, check_name="manifest_counts_match", passed=passed
@@ -177,6 +188,18 @@ def test_an_export_pulls_its_chain_in_one_tick_once_and_a_failed_check_stops_it(
             defs=defs, instance=instance, cursor=tick.cursor
         )
         assert following.total_requested == 0, "requested once, not again on the next tick"
+
+        # A past day's export does not trigger the chain (the gate follows the latest
+        # partition; docs/extract.md says how such an export is picked up).
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=dg.AssetKey(["fhir", "Patient"]), partition="2025-06-01"
+            )
+        )
+        past = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=following.cursor
+        )
+        assert past.total_requested == 0
 
 
 def test_the_automation_sensor_runs_by_default_over_every_automated_asset() -> None:
