@@ -174,6 +174,9 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             policy=policy,
             key=settings.key,
             export_date=export_date,
+            # Forked workers share nothing but the input: fine for the local engine, not for
+            # a DLP client whose request quota is per client.
+            workers=settings.gate_workers if settings.deid_backend == "local" else 1,
         )
         try:
             result = gate.run(

@@ -36,7 +36,9 @@ def observation(identifier: str, **changes: Any) -> dict[str, Any]:
     return resource
 
 
-def run(tmp_path: Path, lines: list[bytes], table: str = "observation") -> GateResult:
+def run(
+    tmp_path: Path, lines: list[bytes], table: str = "observation", workers: int = 1
+) -> GateResult:
     source = tmp_path / "Observation.ndjson"
     source.write_bytes(b"\n".join(lines) + b"\n")
     policy = load_policy()
@@ -47,6 +49,7 @@ def run(tmp_path: Path, lines: list[bytes], table: str = "observation") -> GateR
         policy=policy,
         key=KEY,
         export_date=EXPORT_DATE,
+        workers=workers,
     )
     return gate.run([source], "export-1", tmp_path / "out.parquet", tmp_path / "quarantine.parquet")
 
@@ -185,6 +188,34 @@ def test_batches_split_the_input_without_changing_the_outcome(
         "observation_id: duplicate key": 13,
     }
     assert batched.reconciles()
+
+
+def test_worker_processes_give_the_same_partition_in_the_same_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import starvit_assets.lake.gate as gate_module
+
+    lines = [
+        encode(observation(f"o{i % 11}", subject={"reference": f"Patient/p{i % 3}"}))
+        for i in range(40)
+    ]
+    lines[7] = b"not json"
+    lines[20] = b""
+    lines[21] = encode(observation("cancelled", status="cancelled"))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    monkeypatch.setattr(gate_module, "BATCH_LINES", 4)
+    alone = run(tmp_path / "one", lines)
+    parallel = run(tmp_path / "two", lines, workers=2)
+    assert parallel.counts() == alone.counts()
+    assert parallel.table.equals(alone.table)
+    assert parallel.quarantine.equals(alone.quarantine)
+    assert parallel.table.column("_source_line").to_pylist() == sorted(
+        parallel.table.column("_source_line").to_pylist()
+    )
+    assert parallel.quarantine_reasons["observation_id: duplicate key"] == 37 - 11
+    assert parallel.held_back == {"status not allowed": 1}
+    assert parallel.reconciles()
 
 
 def test_source_lines_count_blank_lines_and_crlf(tmp_path: Path) -> None:
