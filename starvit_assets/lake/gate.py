@@ -599,13 +599,16 @@ def build_gate(
     export_date: dt.date,
     filters: FilterConfig | None = None,
     workers: int = 1,
+    research_opt_outs: frozenset[str] = frozenset(),
 ) -> Gate:
     return Gate(
         table_name=table_name,
         view=view,
         backend=backend,
         policy=policy,
-        record_filter=record_filter(filters or load_filters(), table_name, export_date),
+        record_filter=record_filter(
+            filters or load_filters(), table_name, export_date, research_opt_outs
+        ),
         key=key,
         workers=workers,
     )
