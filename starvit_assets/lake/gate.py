@@ -18,6 +18,7 @@ import datetime as dt
 import itertools
 import json
 import multiprocessing
+import re
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -42,10 +43,12 @@ from starvit_assets.lake.filters import FilterConfig, RecordFilter, load_filters
 from starvit_assets.views.runner import CompiledView, ViewDefinitionError, compile_view
 from starvit_assets.views.vectorized import VectorizedView, compile_vectorized
 
-BATCH_LINES = 20_000
+BATCH_LINES = 10_000
 COMPRESSION = "zstd"
 _READ_BLOCK = 8 << 20
 _NEWLINE = ord("\n")
+# A line with nothing but ASCII whitespace (what bytes.strip removes), found at C speed.
+_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r\x0b\x0c]*(?:\n|$)")
 QUARANTINE_REASON = "_quarantine_reason"
 _TEMPORAL_METHODS = ("date_shift", "generalise")
 
@@ -562,8 +565,10 @@ def _chunk_lines(chunk: _Chunk) -> _Lines:
         lines.pop()
     if b"\r" in data:
         lines = [line.rstrip(b"\r") for line in lines]
-    numbers = [number for number, line in enumerate(lines, chunk.first_line) if line.strip()]
-    if len(numbers) != len(lines):
+    if _BLANK_LINE.search(data, 0, len(data) - data.endswith(b"\n")) is None:
+        numbers = list(range(chunk.first_line, chunk.first_line + len(lines)))
+    else:
+        numbers = [number for number, line in enumerate(lines, chunk.first_line) if line.strip()]
         lines = [lines[number - chunk.first_line] for number in numbers]
     return _Lines(lines, chunk.path.name, numbers)
 
