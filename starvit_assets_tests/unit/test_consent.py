@@ -148,3 +148,31 @@ def test_consent_is_counted_before_security_labels(tmp_path: Path) -> None:
     )
     result = gate.run([source], "e", tmp_path / "out.parquet", tmp_path / "q.parquet")
     assert result.held_back == {RESEARCH_OPT_OUT: 1}
+
+
+def test_staged_consent_files_go_with_the_exports_last_resource_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starvit_assets.defs.deid_raw import _purge_staged
+    from starvit_assets.exports import StagedExport, staging_dir
+    from starvit_assets.settings import load_settings
+
+    monkeypatch.setenv("STARVIT_HOME", str(tmp_path))
+    settings = load_settings()
+    folder = staging_dir(settings, "e1")
+    folder.mkdir(parents=True)
+    for name in ("Patient.ndjson", "Observation.ndjson", "Consent.ndjson"):
+        (folder / name).write_bytes(b"{}\n")
+
+    def staged(resource_type: str) -> StagedExport:
+        return StagedExport(
+            "e1", resource_type, "2026-06-01T00:00:00Z", (f"{resource_type}.ndjson",), 1
+        )
+
+    _purge_staged(settings, staged("Patient"))
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "Consent.ndjson",
+        "Observation.ndjson",
+    ]
+    _purge_staged(settings, staged("Observation"))
+    assert not folder.exists()
