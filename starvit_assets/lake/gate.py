@@ -47,8 +47,9 @@ BATCH_LINES = 10_000
 COMPRESSION = "zstd"
 _READ_BLOCK = 8 << 20
 _NEWLINE = ord("\n")
-# A line with nothing but ASCII whitespace (what bytes.strip removes), found at C speed.
-_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r\x0b\x0c]*(?:\n|$)")
+# A line with nothing but ASCII whitespace (what bytes.strip removes) between two others: a
+# pattern that starts with a literal, so the scan runs at memchr speed.
+_BLANK_INNER_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 QUARANTINE_REASON = "_quarantine_reason"
 _TEMPORAL_METHODS = ("date_shift", "generalise")
 
@@ -565,7 +566,7 @@ def _chunk_lines(chunk: _Chunk) -> _Lines:
         lines.pop()
     if b"\r" in data:
         lines = [line.rstrip(b"\r") for line in lines]
-    if _BLANK_LINE.search(data, 0, len(data) - data.endswith(b"\n")) is None:
+    if lines[0].strip() and lines[-1].strip() and _BLANK_INNER_LINE.search(data) is None:
         numbers = list(range(chunk.first_line, chunk.first_line + len(lines)))
     else:
         numbers = [number for number, line in enumerate(lines, chunk.first_line) if line.strip()]
