@@ -583,8 +583,14 @@ class _SeenKeys:
 
     def later_duplicates(self, keys: pa.ChunkedArray) -> pa.Array:
         seen = self._seen
+        values = keys.cast(pa.string()).to_pylist()
+        if keys.null_count == 0 and seen.isdisjoint(values):
+            distinct = set(values)
+            if len(distinct) == len(values):  # the usual batch: all new, all different
+                seen |= distinct
+                return pa.array(np.zeros(len(values), dtype=bool))
         flags = []
-        for key in keys.cast(pa.string()).to_pylist():
+        for key in values:
             if key is None:
                 flags.append(False)
             elif key in seen:
