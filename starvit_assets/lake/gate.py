@@ -22,6 +22,7 @@ import re
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -528,6 +529,11 @@ def _map_in_order(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise GateError(
+            "a gate worker process died (killed, or out of memory?); nothing was published: "
+            "re-run, or set fewer STARVIT_GATE_WORKERS"
+        ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -260,3 +260,20 @@ def test_seen_keys_mark_the_same_rows_as_later_duplicates_on_the_whole_column() 
     ]
     assert batched == later_duplicates(pa.array(keys, pa.string())).to_pylist()
     assert any(batched)
+
+
+def test_a_worker_that_dies_fails_the_gate_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import starvit_assets.lake.gate as gate_module
+    from starvit_assets.lake.gate import GateError
+
+    def die(self: object, chunk: object, job: object) -> None:
+        os._exit(9)
+
+    monkeypatch.setattr(gate_module, "BATCH_LINES", 2)
+    monkeypatch.setattr(gate_module.Gate, "_first_pass", die)
+    with pytest.raises(GateError, match="a gate worker process died"):
+        run(tmp_path, [encode(observation(f"o{i}")) for i in range(6)], workers=2)
