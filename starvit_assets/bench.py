@@ -183,10 +183,15 @@ def gate_tables(export_dir: Path, settings: Any, counts: dict[str, int]) -> int:
     """
     from concurrent.futures import ProcessPoolExecutor
 
+    from starvit_assets.lake.gate import _frozen_heap
+
     _warm_up()
     cores = os.cpu_count() or 1
     tables = sorted(DUCKDB_VIEWS, key=lambda name: -counts.get(DUCKDB_VIEWS[name][0], 0))
-    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork")) as pool:
+    with (
+        _frozen_heap(),
+        ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork")) as pool,
+    ):
         for name in pool.map(
             _gate_table,
             tables,

@@ -15,6 +15,7 @@ lake; reasons name columns and rules, never values.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import itertools
 import json
 import multiprocessing
@@ -23,6 +24,7 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -515,6 +517,13 @@ def _map_in_order(
     if workers <= 1 or len(head) < 2:
         yield from map(job, itertools.chain(head, chunks))
         return
+    with _frozen_heap():
+        yield from _map_in_pool(job, itertools.chain(head, chunks), workers)
+
+
+def _map_in_pool(
+    job: _FirstPass, chunks: Iterator[_Chunk], workers: int
+) -> Iterator[_ChunkOutcome]:
     pool = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("fork"),
@@ -523,7 +532,7 @@ def _map_in_order(
     )
     pending: deque[Future[_ChunkOutcome]] = deque()
     try:
-        for chunk in itertools.chain(head, chunks):
+        for chunk in chunks:
             pending.append(pool.submit(_run_in_worker, chunk))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
@@ -536,6 +545,17 @@ def _map_in_order(
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Keep the garbage collector of forked children off the inherited heap: scanning it
+    would touch, and so copy, every page the parent shares with them (gc.freeze)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _plan_chunks(files: Sequence[Path]) -> Iterator[_Chunk]:
