@@ -25,6 +25,7 @@ def test_an_opted_out_patient_never_crosses_the_gate(
 ) -> None:
     import dagster as dg
 
+    import starvit_assets.lake.gate as gate_module
     from starvit_assets.defs.deid_raw import deid_asset_key
     from starvit_assets.defs.extract import RESOURCE_TYPES, fhir_asset_key
     from starvit_assets.deid.engine import pseudonym
@@ -35,7 +36,9 @@ def test_an_opted_out_patient_never_crosses_the_gate(
     from starvit_assets.lake.partitions import PART_FILE, RawLake
     from starvit_assets.settings import load_settings
 
+    # Many small batches over two forked workers, inside a Dagster run.
     monkeypatch.setenv("STARVIT_GATE_WORKERS", "2")
+    monkeypatch.setattr(gate_module, "BATCH_LINES", 50)
     settings = load_settings()
     source = ensure_source_data(settings, patients=PATIENTS, seed=3)
     with BulkDataServer(source) as server:
@@ -72,6 +75,9 @@ def test_an_opted_out_patient_never_crosses_the_gate(
     assert held.get(RESEARCH_OPT_OUT) == len(observations) > 0
     assert metadata["observation"]["research_opt_out_patients"].value == 1
     assert metadata["observation"]["consent_resources_read"].value == 2
+    assert metadata["observation"]["resources_read"].value == len(
+        _lines(source / "Observation.ndjson")
+    )
     token = pseudonym(
         bytes.fromhex(os.environ["STARVIT_PSEUDONYMISATION_KEY"]), "Patient", opted_out
     )
