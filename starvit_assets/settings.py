@@ -107,6 +107,15 @@ class StarvitSettings(BaseSettings):
     dlp_wrapped_key_file: Path | None = Field(
         default=None, description="File holding the KMS-wrapped DLP data key (binary)"
     )
+    gate_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Forked processes the de-identification gate spreads one table's batches over "
+            "(local backend only)"
+        ),
+    )
     k_anonymity_threshold: int = Field(
         default=5, ge=2, description="Smallest acceptable class size on the quasi-identifiers"
     )

@@ -27,6 +27,11 @@ from starvit_assets.exports import (
     leak_hashes_path,
     staging_dir,
 )
+from starvit_assets.lake.consent import (
+    CONSENT_FILE_PATTERN,
+    ConsentError,
+    read_research_opt_outs,
+)
 from starvit_assets.lake.contracts import CONTRACTS, TableContract, validate_file
 from starvit_assets.lake.filters import FilterError
 from starvit_assets.lake.gate import GateCounts, GateError, build_gate
@@ -168,6 +173,12 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             )
         policy = load_policy()
         export_date = _export_date(export.transaction_time)
+        # Consent resources staged with the same export (none staged: nobody opted out).
+        consent_files = sorted(staging_dir(settings, export.export_id).glob(CONSENT_FILE_PATTERN))
+        try:
+            opt_outs = read_research_opt_outs(consent_files, export_date)
+        except ConsentError as error:
+            raise dg.Failure(description=f"{table}: {error}") from None
         gate = build_gate(
             table_name=table,
             view=view,
@@ -179,6 +190,10 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             policy=policy,
             key=settings.key,
             export_date=export_date,
+            # Forked workers share nothing but the input: fine for the local engine, not for
+            # a DLP client whose request quota is per client.
+            workers=settings.gate_workers if settings.deid_backend == "local" else 1,
+            research_opt_outs=opt_outs.patients,
         )
         try:
             result = gate.run(
@@ -223,6 +238,8 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
                 "rows": dg.MetadataValue.int(result.rows),
                 **_counts_metadata(counts),
                 "flattened_by": result.flattened_by,
+                "consent_resources_read": dg.MetadataValue.int(opt_outs.consents_read),
+                "research_opt_out_patients": dg.MetadataValue.int(len(opt_outs.patients)),
                 "policy_version": policy.version,
                 "path": dg.MetadataValue.path(str(published)),
                 "quarantine_path": dg.MetadataValue.path(
@@ -326,8 +343,14 @@ def _purge_staged(settings: StarvitSettings, export: StagedExport) -> None:
     for path in export.paths(settings):
         path.unlink(missing_ok=True)
     folder = staging_dir(settings, export.export_id)
-    # The export's error and deleted lists (``_error.*``, ``_deleted.*``) go with the last type.
-    resource_files = [path for path in folder.glob("*.ndjson") if not path.name.startswith("_")]
+    # The export's error and deleted lists (``_error.*``, ``_deleted.*``) and its Consent
+    # resources (read by every table's record filter) go with the last type.
+    consent_files = set(folder.glob(CONSENT_FILE_PATTERN))
+    resource_files = [
+        path
+        for path in folder.glob("*.ndjson")
+        if not path.name.startswith("_") and path not in consent_files
+    ]
     if folder.is_dir() and not resource_files:
         for leftover in folder.iterdir():
             leftover.unlink()

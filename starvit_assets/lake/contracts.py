@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandera.pandas as pa_schema
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import pandera.pandas as pa_schema
 
 LINEAGE_COLUMNS = ("_export_id", "_source_file", "_source_line", "_content_hash", "_policy_version")
 GENDERS = ("male", "female", "other", "unknown")
@@ -85,6 +88,9 @@ def _dtype(arrow_type: pa.DataType) -> str:
 def pandera_schema(
     contract: TableContract, arrow_schema: pa.Schema, *, unique_key: bool = True
 ) -> pa_schema.DataFrameSchema:
+    # pandera (and pandas) load only for the contract check: the gate needs neither.
+    import pandera.pandas as pa_schema
+
     columns: dict[str, pa_schema.Column] = {}
     for arrow_field in arrow_schema:
         name = arrow_field.name
@@ -128,6 +134,8 @@ def validate_file(contract: TableContract, path: Path, batch_rows: int = 50_000)
 def _failure_counts(
     contract: TableContract, table: pa.Table, *, unique_key: bool = True
 ) -> dict[str, int]:
+    import pandera.pandas as pa_schema
+
     frame = table.to_pandas(types_mapper=_pandas_type)
     try:
         pandera_schema(contract, table.schema, unique_key=unique_key).validate(frame, lazy=True)

@@ -1,9 +1,9 @@
 """The record allowlist filter (``filters.yaml``): which flattened records may cross the gate.
 
 It runs on the view's columns before de-identification, so its reasons are about record kinds
-(status, missing elements, dates out of range, security labels), never about values. Every
-record held back is counted under exactly one reason: the first rule it fails, in the order
-required -> security labels -> status -> dates.
+(status, missing elements, a research opt-out, dates out of range, security labels), never
+about values. Every record held back is counted under exactly one reason: the first rule it
+fails, in the order required -> consent -> security labels -> status -> dates.
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ class TableFilter(BaseModel):
     status: StatusRule | None = None
     dates: DateRule | None = None
     excluded_security_labels: tuple[str, ...] | None = None
+    # The column holding the (PHI-zone) patient id that research opt-outs are matched on;
+    # unset: the default's.
+    consent_patient_column: str | None = None
 
 
 class Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     excluded_security_labels: tuple[str, ...] = ()
+    consent_patient_column: str | None = None
 
 
 class FilterConfig(BaseModel):
@@ -61,6 +65,7 @@ class FilterConfig(BaseModel):
 
 
 SECURITY_LABELS_COLUMN = "security_labels"
+RESEARCH_OPT_OUT = "consent: research opt-out"
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,14 @@ class RecordFilter:
     rules: TableFilter
     excluded_labels: tuple[str, ...]
     export_date: dt.date
+    consent_column: str | None = None
+    # Patients whose research Consent denies research use (lake/consent.py).
+    opted_out_patients: frozenset[str] = frozenset()
 
     def columns(self) -> list[str]:
         named = list(self.rules.required)
+        if self.consent_column:
+            named.append(self.consent_column)
         if self.rules.status:
             named.append(self.rules.status.column)
         if self.rules.dates:
@@ -110,6 +120,10 @@ class RecordFilter:
             values = rows.column(column)
             empty = pc.equal(pc.utf8_length(values.cast(pa.string())), 0)
             hold(f"missing {column}", pc.or_(pc.is_null(values), pc.fill_null(empty, False)))
+        if self.consent_column and self.opted_out_patients:
+            patients = rows.column(self.consent_column).cast(pa.string())
+            opted_out = pa.array(sorted(self.opted_out_patients), pa.string())
+            hold(RESEARCH_OPT_OUT, pc.is_in(patients, value_set=opted_out))
         if self.excluded_labels:
             labels = pc.split_pattern(
                 pc.fill_null(rows.column(SECURITY_LABELS_COLUMN).cast(pa.string()), ""), " "
@@ -164,11 +178,23 @@ def load_filters(path: Path | None = None) -> FilterConfig:
         raise FilterError(f"invalid record filter {source}: {locations}") from None
 
 
-def record_filter(config: FilterConfig, table: str, export_date: dt.date) -> RecordFilter:
+def record_filter(
+    config: FilterConfig,
+    table: str,
+    export_date: dt.date,
+    opted_out_patients: frozenset[str] = frozenset(),
+) -> RecordFilter:
     rules = config.tables.get(table, TableFilter())
     labels = (
         rules.excluded_security_labels
         if rules.excluded_security_labels is not None
         else config.defaults.excluded_security_labels
     )
-    return RecordFilter(table=table, rules=rules, excluded_labels=labels, export_date=export_date)
+    return RecordFilter(
+        table=table,
+        rules=rules,
+        excluded_labels=labels,
+        export_date=export_date,
+        consent_column=rules.consent_patient_column or config.defaults.consent_patient_column,
+        opted_out_patients=opted_out_patients,
+    )

@@ -15,33 +15,44 @@ lake; reasons name columns and rules, never values.
 from __future__ import annotations
 
 import datetime as dt
+import gc
+import itertools
 import json
-from collections import Counter
+import multiprocessing
+import re
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from starvit_assets.deid.engine import FHIR_TEMPORAL_PATTERN, DeidBackend, content_hash
+from starvit_assets.deid.engine import FHIR_TEMPORAL_PATTERN, DeidBackend, content_hashes
 from starvit_assets.deid.policy import Policy
 from starvit_assets.lake.contracts import (
     CONTRACTS,
     TableContract,
-    later_duplicates,
     row_violations,
 )
 from starvit_assets.lake.filters import FilterConfig, RecordFilter, load_filters, record_filter
 from starvit_assets.views.runner import CompiledView, ViewDefinitionError, compile_view
-from starvit_assets.views.vectorized import compile_vectorized
+from starvit_assets.views.vectorized import VectorizedView, compile_vectorized
 
-BATCH_LINES = 20_000
+BATCH_LINES = 10_000
 COMPRESSION = "zstd"
 _READ_BLOCK = 8 << 20
+_NEWLINE = ord("\n")
+# A line with nothing but ASCII whitespace (what bytes.strip removes) between two others: a
+# pattern that starts with a literal, so the scan runs at memchr speed.
+_BLANK_INNER_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 QUARANTINE_REASON = "_quarantine_reason"
 _TEMPORAL_METHODS = ("date_shift", "generalise")
 
@@ -141,9 +152,11 @@ class GateResult:
 
 @dataclass
 class _Lines:
-    data: list[bytes] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    numbers: list[int] = field(default_factory=list)
+    """The non-blank lines of one chunk (of one file), with their line numbers."""
+
+    data: list[bytes]
+    file: str
+    numbers: list[int]
 
     def __len__(self) -> int:
         return len(self.data)
@@ -165,6 +178,10 @@ class Gate:
     policy: Policy
     record_filter: RecordFilter
     key: bytes
+    # Processes for the first pass (flatten, filter, de-identify) of a multi-batch input. Only
+    # for a backend that may run in forked copies of itself: the local engine, not Cloud DLP
+    # (its request quota is per client).
+    workers: int = 1
 
     @cached_property
     def compiled(self) -> CompiledView:
@@ -189,107 +206,79 @@ class Gate:
     ) -> GateResult:
         """Write the publishable rows to ``output`` and the quarantine to ``quarantine_output``.
 
-        Two passes keep memory bounded by one batch plus the key column: the first flattens,
-        filters and de-identifies batch by batch into a scratch file; the second, knowing every
-        key, applies the row-level contract and splits the rows between the two outputs.
+        The input is cut into chunks of ``BATCH_LINES`` lines. Each chunk is flattened, filtered
+        and de-identified on its own (in ``workers`` forked processes when there is more than
+        one chunk); this process then applies the row-level contract, marking a key it has
+        already seen as a duplicate, and writes the rows in input order. Memory stays bounded
+        by a few chunks plus the set of keys seen.
         """
         self.policy.table(self.table_name).check_covers(self.compiled.column_names, self.table_name)
         self.record_filter.check_columns(self.compiled.column_names)
-        vectorized = compile_vectorized(self.view)
         deidentified_schema = self.backend.deidentify(
             self.table_name, self.compiled.arrow_schema().empty_table()
         ).schema
         scratch_schema = pa.schema(
             [*deidentified_schema, *lineage_schema(), pa.field(QUARANTINE_REASON, pa.string())]
         )
-        scratch = output.with_name(output.name + ".scratch")
+        first_pass = _FirstPass(
+            gate=self,
+            vectorized=compile_vectorized(self.view),
+            export_id=export_id,
+            schema=scratch_schema,
+        )
         held_back: Counter[str] = Counter()
         quarantine_reasons: Counter[str] = Counter()
-        keys: list[pa.Array] = []
+        seen_keys = _SeenKeys()
         resources_read = resources_with_rows = resources_without_rows = 0
         lines_quarantined = rows_flattened = rows_published = rows_quarantined = 0
-        try:
-            with (
-                pq.ParquetWriter(scratch, scratch_schema, compression="none") as scratch_writer,
-                pq.ParquetWriter(
-                    quarantine_output, scratch_schema, compression=COMPRESSION
-                ) as quarantine_writer,
-            ):
-                for lines in _read_lines(files):
-                    resources_read += len(lines)
-                    flat = self._flatten(lines, vectorized)
-                    rows_flattened += flat.table.num_rows
-                    with_rows = set(pc.unique(flat.resource_index).to_pylist())
-                    resources_with_rows += len(with_rows)
-                    resources_without_rows += sum(
-                        1
-                        for index, problem in enumerate(flat.line_problems)
-                        if problem is None and index not in with_rows
+        with (
+            pq.ParquetWriter(
+                output, _output_schema(scratch_schema), compression=COMPRESSION
+            ) as output_writer,
+            pq.ParquetWriter(
+                quarantine_output, scratch_schema, compression=COMPRESSION
+            ) as quarantine_writer,
+        ):
+            for outcome in _map_in_order(first_pass, _plan_chunks(files), self.workers):
+                resources_read += outcome.resources_read
+                resources_with_rows += outcome.resources_with_rows
+                resources_without_rows += outcome.resources_without_rows
+                rows_flattened += outcome.rows_flattened
+                held_back.update(outcome.held_back)
+                if outcome.line_quarantine is not None:
+                    lines_quarantined += outcome.line_quarantine.num_rows
+                    quarantine_reasons.update(
+                        outcome.line_quarantine.column(QUARANTINE_REASON).to_pylist()
                     )
-                    lineage = self._lineage(lines, export_id)
-                    outcome = self.record_filter.apply(flat.table)
-                    held_back.update(outcome.held_back)
-                    rows, reasons = self._null_malformed_dates(flat.table.filter(outcome.passed))
-                    deidentified = self.backend.deidentify(self.table_name, rows)
-                    row_lineage = lineage.take(pc.filter(flat.resource_index, outcome.passed))
-                    batch = pa.Table.from_arrays(
-                        [*deidentified.columns, *row_lineage.columns, reasons],
-                        schema=scratch_schema,
-                    )
-                    scratch_writer.write_table(batch)
-                    keys.append(deidentified.column(self.contract.key).combine_chunks())
-                    problem_lines = [i for i, problem in enumerate(flat.line_problems) if problem]
-                    if problem_lines:
-                        lines_quarantined += len(problem_lines)
-                        line_reasons = [str(flat.line_problems[i]) for i in problem_lines]
-                        quarantine_reasons.update(line_reasons)
-                        quarantine_writer.write_table(
-                            _lineage_only(
-                                lineage.take(pa.array(problem_lines, pa.int64())),
-                                pa.array(line_reasons, pa.string()),
-                                scratch_schema,
-                            )
-                        )
-                scratch_writer.close()  # the second pass reads what the first wrote
-                duplicates = later_duplicates(
-                    pa.concat_arrays([key.cast(pa.string()) for key in keys])
-                    if keys
-                    else pa.array([], pa.string())
+                    quarantine_writer.write_table(outcome.line_quarantine)
+                batch = outcome.rows
+                reason = pc.coalesce(
+                    batch.column(QUARANTINE_REASON),
+                    row_violations(
+                        self.contract,
+                        batch,
+                        duplicates=seen_keys.later_duplicates(batch.column(self.contract.key)),
+                    ),
                 )
-                del keys
-                with pq.ParquetWriter(
-                    output, _output_schema(scratch_schema), compression=COMPRESSION
-                ) as output_writer:
-                    offset = 0
-                    for record_batch in pq.ParquetFile(scratch).iter_batches(BATCH_LINES):
-                        batch = pa.Table.from_batches([record_batch], schema=scratch_schema)
-                        reason = pc.coalesce(
-                            batch.column(QUARANTINE_REASON),
-                            row_violations(
-                                self.contract,
-                                batch,
-                                duplicates=duplicates.slice(offset, batch.num_rows),
-                            ),
-                        )
-                        offset += batch.num_rows
-                        bad = pc.is_valid(reason)
-                        batch = batch.set_column(
-                            batch.schema.get_field_index(QUARANTINE_REASON),
-                            scratch_schema.field(QUARANTINE_REASON),
-                            reason,
-                        )
-                        good = batch.filter(pc.invert(bad)).drop_columns([QUARANTINE_REASON])
-                        quarantined = batch.filter(bad)
-                        output_writer.write_table(good)
-                        quarantine_writer.write_table(quarantined)
-                        rows_published += good.num_rows
-                        rows_quarantined += quarantined.num_rows
-                        quarantine_reasons.update(
-                            str(value)
-                            for value in quarantined.column(QUARANTINE_REASON).to_pylist()
-                        )
-        finally:
-            scratch.unlink(missing_ok=True)
+                bad = pc.is_valid(reason)
+                if not pc.any(bad).as_py():
+                    output_writer.write_table(batch.drop_columns([QUARANTINE_REASON]))
+                    rows_published += batch.num_rows
+                    continue
+                batch = batch.set_column(
+                    batch.schema.get_field_index(QUARANTINE_REASON),
+                    scratch_schema.field(QUARANTINE_REASON),
+                    reason,
+                )
+                good = batch.filter(pc.invert(bad)).drop_columns([QUARANTINE_REASON])
+                quarantined = batch.filter(bad)
+                output_writer.write_table(good)
+                quarantine_writer.write_table(quarantined)
+                rows_published += good.num_rows
+                rows_quarantined += quarantined.num_rows
+                quarantine_reasons.update(
+                    str(value) for value in quarantined.column(QUARANTINE_REASON).to_pylist()
+                )
         return GateResult(
             output=output,
             quarantine_output=quarantine_output,
@@ -302,10 +291,43 @@ class Gate:
             rows_flattened=rows_flattened,
             held_back=dict(sorted(held_back.items())),
             quarantine_reasons=dict(sorted(quarantine_reasons.items())),
-            flattened_by="vectorized" if vectorized is not None else "general",
+            flattened_by="vectorized" if first_pass.vectorized is not None else "general",
         )
 
-    def _flatten(self, lines: _Lines, vectorized: Any) -> _Flattened:
+    def _first_pass(self, chunk: _Chunk, job: _FirstPass) -> _ChunkOutcome:
+        """Flatten, filter and de-identify one chunk (in a worker when there are several)."""
+        lines = _chunk_lines(chunk)
+        flat = self._flatten(lines, job.vectorized)
+        problem_lines = [i for i, problem in enumerate(flat.line_problems) if problem]
+        with_rows = (
+            pc.count_distinct(flat.resource_index).as_py() if len(flat.resource_index) else 0
+        )
+        lineage = self._lineage(lines, job.export_id)
+        outcome = self.record_filter.apply(flat.table)
+        rows, reasons = self._null_malformed_dates(flat.table.filter(outcome.passed))
+        deidentified = self.backend.deidentify(self.table_name, rows)
+        row_lineage = lineage.take(pc.filter(flat.resource_index, outcome.passed))
+        batch = pa.Table.from_arrays(
+            [*deidentified.columns, *row_lineage.columns, reasons], schema=job.schema
+        )
+        line_quarantine = None
+        if problem_lines:
+            line_quarantine = _lineage_only(
+                lineage.take(pa.array(problem_lines, pa.int64())),
+                pa.array([str(flat.line_problems[i]) for i in problem_lines], pa.string()),
+                job.schema,
+            )
+        return _ChunkOutcome(
+            resources_read=len(lines),
+            resources_with_rows=with_rows,
+            resources_without_rows=len(lines) - len(problem_lines) - with_rows,
+            rows_flattened=flat.table.num_rows,
+            held_back=outcome.held_back,
+            rows=batch,
+            line_quarantine=line_quarantine,
+        )
+
+    def _flatten(self, lines: _Lines, vectorized: VectorizedView | None) -> _Flattened:
         if vectorized is not None:
             try:
                 batch = vectorized.flatten(lines.data)
@@ -361,11 +383,9 @@ class Gate:
         return pa.table(
             {
                 "_export_id": pa.array([export_id] * count, pa.string()),
-                "_source_file": pa.array(lines.files, pa.string()),
+                "_source_file": pa.array([lines.file] * count, pa.string()),
                 "_source_line": pa.array(lines.numbers, pa.int64()),
-                "_content_hash": pa.array(
-                    [content_hash(self.key, line) for line in lines.data], pa.string()
-                ),
+                "_content_hash": pa.array(content_hashes(self.key, lines.data), pa.string()),
                 "_policy_version": pa.array([self.policy.version] * count, pa.string()),
             },
             schema=lineage_schema(),
@@ -436,39 +456,175 @@ def _indices(problems: list[str | None]) -> pa.Array:
     return pa.array([i for i, problem in enumerate(problems) if problem], pa.int64())
 
 
-def _read_lines(files: Sequence[Path]) -> Iterator[_Lines]:
-    """Non-empty lines in batches of ``BATCH_LINES``, with their file and line number."""
-    batch = _Lines()
+@dataclass(frozen=True)
+class _Chunk:
+    """At most ``BATCH_LINES`` physical lines of one file: bytes ``start`` to ``end``."""
+
+    index: int
+    path: Path
+    start: int
+    end: int
+    first_line: int
+
+
+@dataclass(frozen=True)
+class _ChunkOutcome:
+    resources_read: int
+    resources_with_rows: int
+    resources_without_rows: int
+    rows_flattened: int
+    held_back: Counter[str]
+    # De-identified rows with lineage and the reason found so far (malformed dates).
+    rows: pa.Table
+    line_quarantine: pa.Table | None
+
+
+@dataclass(frozen=True)
+class _FirstPass:
+    """The first pass over one chunk, with everything it needs; runs in a worker as is."""
+
+    gate: Gate
+    vectorized: VectorizedView | None
+    export_id: str
+    schema: pa.Schema
+
+    def __call__(self, chunk: _Chunk) -> _ChunkOutcome:
+        return self.gate._first_pass(chunk, self)
+
+
+_worker_job: _FirstPass | None = None
+
+
+def _start_worker(job: _FirstPass) -> None:  # pragma: no cover - runs in the worker
+    global _worker_job
+    _worker_job = job
+
+
+def _run_in_worker(chunk: _Chunk) -> _ChunkOutcome:  # pragma: no cover - runs in the worker
+    assert _worker_job is not None, "worker not started"
+    return _worker_job(chunk)
+
+
+def _map_in_order(
+    job: _FirstPass, chunks: Iterator[_Chunk], workers: int
+) -> Iterator[_ChunkOutcome]:
+    """``job`` on every chunk, outcomes in input order; in forked workers when it pays.
+
+    The job reaches the workers by fork, not by pickling. At most two chunks a worker are in
+    flight, so memory stays flat however long the input is.
+    """
+    head = list(itertools.islice(chunks, 2))
+    if workers <= 1 or len(head) < 2:
+        yield from map(job, itertools.chain(head, chunks))
+        return
+    with _frozen_heap():
+        yield from _map_in_pool(job, itertools.chain(head, chunks), workers)
+
+
+def _map_in_pool(
+    job: _FirstPass, chunks: Iterator[_Chunk], workers: int
+) -> Iterator[_ChunkOutcome]:
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_start_worker,
+        initargs=(job,),
+    )
+    pending: deque[Future[_ChunkOutcome]] = deque()
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(_run_in_worker, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise GateError(
+            "a gate worker process died (killed, or out of memory?); nothing was published: "
+            "re-run, or set fewer STARVIT_GATE_WORKERS"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Keep the garbage collector of forked children off the inherited heap: scanning it
+    would touch, and so copy, every page the parent shares with them (gc.freeze)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _plan_chunks(files: Sequence[Path]) -> Iterator[_Chunk]:
+    """Cut the files into chunks of ``BATCH_LINES`` physical lines (the last may be shorter)."""
+    index = 0
     for path in files:
-        number = 0
-        for block in _line_blocks(path):
-            numbers = range(number + 1, number + 1 + len(block))
-            number += len(block)
-            stripped = [line.rstrip(b"\r") for line in block]
-            kept = [(n, line) for n, line in zip(numbers, stripped, strict=True) if line.strip()]
-            while kept:
-                room = BATCH_LINES - len(batch)
-                taken, kept = kept[:room], kept[room:]
-                batch.data.extend(line for _, line in taken)
-                batch.numbers.extend(n for n, _ in taken)
-                batch.files.extend([path.name] * len(taken))
-                if len(batch) >= BATCH_LINES:
-                    yield batch
-                    batch = _Lines()
-    if batch:
-        yield batch
+        start = position = pending_lines = 0
+        first_line = 1
+        with path.open("rb") as handle:
+            while block := handle.read(_READ_BLOCK):
+                newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == _NEWLINE)
+                taken = 0
+                while len(newlines) - taken >= BATCH_LINES - pending_lines:
+                    last = taken + BATCH_LINES - pending_lines - 1
+                    end = position + int(newlines[last]) + 1
+                    yield _Chunk(index, path, start, end, first_line)
+                    index += 1
+                    first_line += BATCH_LINES
+                    start, taken, pending_lines = end, last + 1, 0
+                pending_lines += len(newlines) - taken
+                position += len(block)
+        if position > start:
+            yield _Chunk(index, path, start, position, first_line)
+            index += 1
 
 
-def _line_blocks(path: Path) -> Iterator[list[bytes]]:
-    """The file's lines, a block at a time (the last line may lack its newline)."""
-    remainder = b""
-    with path.open("rb") as handle:
-        while block := handle.read(_READ_BLOCK):
-            lines = (remainder + block).split(b"\n")
-            remainder = lines.pop()
-            yield lines
-    if remainder:
-        yield [remainder]
+def _chunk_lines(chunk: _Chunk) -> _Lines:
+    """The chunk's non-blank lines (CR of CRLF removed), numbered within their file."""
+    with chunk.path.open("rb") as handle:
+        handle.seek(chunk.start)
+        data = handle.read(chunk.end - chunk.start)
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    if b"\r" in data:
+        lines = [line.rstrip(b"\r") for line in lines]
+    if lines[0].strip() and lines[-1].strip() and _BLANK_INNER_LINE.search(data) is None:
+        numbers = list(range(chunk.first_line, chunk.first_line + len(lines)))
+    else:
+        numbers = [number for number, line in enumerate(lines, chunk.first_line) if line.strip()]
+        lines = [lines[number - chunk.first_line] for number in numbers]
+    return _Lines(lines, chunk.path.name, numbers)
+
+
+class _SeenKeys:
+    """The keys of every row so far, to mark a later row with the same key a duplicate (the
+    first may publish), as ``later_duplicates`` does on a whole column."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def later_duplicates(self, keys: pa.ChunkedArray) -> pa.Array:
+        seen = self._seen
+        values = keys.cast(pa.string()).to_pylist()
+        if keys.null_count == 0 and seen.isdisjoint(values):
+            distinct = set(values)
+            if len(distinct) == len(values):  # the usual batch: all new, all different
+                seen |= distinct
+                return pa.array(np.zeros(len(values), dtype=bool))
+        flags = []
+        for key in values:
+            if key is None:
+                flags.append(False)
+            elif key in seen:
+                flags.append(True)
+            else:
+                seen.add(key)
+                flags.append(False)
+        return pa.array(flags, pa.bool_())
 
 
 def build_gate(
@@ -480,12 +636,17 @@ def build_gate(
     key: bytes,
     export_date: dt.date,
     filters: FilterConfig | None = None,
+    workers: int = 1,
+    research_opt_outs: frozenset[str] = frozenset(),
 ) -> Gate:
     return Gate(
         table_name=table_name,
         view=view,
         backend=backend,
         policy=policy,
-        record_filter=record_filter(filters or load_filters(), table_name, export_date),
+        record_filter=record_filter(
+            filters or load_filters(), table_name, export_date, research_opt_outs
+        ),
         key=key,
+        workers=workers,
     )

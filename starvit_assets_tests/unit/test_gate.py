@@ -36,7 +36,9 @@ def observation(identifier: str, **changes: Any) -> dict[str, Any]:
     return resource
 
 
-def run(tmp_path: Path, lines: list[bytes], table: str = "observation") -> GateResult:
+def run(
+    tmp_path: Path, lines: list[bytes], table: str = "observation", workers: int = 1
+) -> GateResult:
     source = tmp_path / "Observation.ndjson"
     source.write_bytes(b"\n".join(lines) + b"\n")
     policy = load_policy()
@@ -47,6 +49,7 @@ def run(tmp_path: Path, lines: list[bytes], table: str = "observation") -> GateR
         policy=policy,
         key=KEY,
         export_date=EXPORT_DATE,
+        workers=workers,
     )
     return gate.run([source], "export-1", tmp_path / "out.parquet", tmp_path / "quarantine.parquet")
 
@@ -187,6 +190,34 @@ def test_batches_split_the_input_without_changing_the_outcome(
     assert batched.reconciles()
 
 
+def test_worker_processes_give_the_same_partition_in_the_same_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import starvit_assets.lake.gate as gate_module
+
+    lines = [
+        encode(observation(f"o{i % 11}", subject={"reference": f"Patient/p{i % 3}"}))
+        for i in range(40)
+    ]
+    lines[7] = b"not json"
+    lines[20] = b""
+    lines[21] = encode(observation("cancelled", status="cancelled"))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    monkeypatch.setattr(gate_module, "BATCH_LINES", 4)
+    alone = run(tmp_path / "one", lines)
+    parallel = run(tmp_path / "two", lines, workers=2)
+    assert parallel.counts() == alone.counts()
+    assert parallel.table.equals(alone.table)
+    assert parallel.quarantine.equals(alone.quarantine)
+    assert parallel.table.column("_source_line").to_pylist() == sorted(
+        parallel.table.column("_source_line").to_pylist()
+    )
+    assert parallel.quarantine_reasons["observation_id: duplicate key"] == 37 - 11
+    assert parallel.held_back == {"status not allowed": 1}
+    assert parallel.reconciles()
+
+
 def test_source_lines_count_blank_lines_and_crlf(tmp_path: Path) -> None:
     source = tmp_path / "Observation.ndjson"
     source.write_bytes(
@@ -208,3 +239,41 @@ def test_source_lines_count_blank_lines_and_crlf(tmp_path: Path) -> None:
     result = gate.run([source], "e", tmp_path / "out.parquet", tmp_path / "q.parquet")
     assert result.resources_read == 3
     assert result.table.column("_source_line").to_pylist() == [1, 3, 6]
+
+
+def test_seen_keys_mark_the_same_rows_as_later_duplicates_on_the_whole_column() -> None:
+    import random
+
+    from starvit_assets.lake.contracts import later_duplicates
+    from starvit_assets.lake.gate import _SeenKeys
+
+    rng = random.Random(5)
+    keys = [rng.choice([None, *(f"k{i}" for i in range(30))]) for _ in range(200)]
+    keys[:10] = [f"fresh{i}" for i in range(10)]  # a first batch with nothing repeated
+    seen = _SeenKeys()
+    batched = [
+        flag
+        for start in range(0, len(keys), 10)
+        for flag in seen.later_duplicates(
+            pa.chunked_array([keys[start : start + 10]], pa.string())
+        ).to_pylist()
+    ]
+    assert batched == later_duplicates(pa.array(keys, pa.string())).to_pylist()
+    assert any(batched)
+
+
+def test_a_worker_that_dies_fails_the_gate_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import starvit_assets.lake.gate as gate_module
+    from starvit_assets.lake.gate import GateError
+
+    def die(self: object, chunk: object, job: object) -> None:
+        os._exit(9)
+
+    monkeypatch.setattr(gate_module, "BATCH_LINES", 2)
+    monkeypatch.setattr(gate_module.Gate, "_first_pass", die)
+    with pytest.raises(GateError, match="a gate worker process died"):
+        run(tmp_path, [encode(observation(f"o{i}")) for i in range(6)], workers=2)
