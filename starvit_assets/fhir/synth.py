@@ -550,7 +550,10 @@ def _patient_resources(
         moment = _date_time(visit + dt.timedelta(minutes=5), offset)
         if not adult:
             height_cm = min(190.0, height_cm + rng.uniform(0, 3))
-        weight_kg = max(15.0, weight_kg + rng.gauss(0, 1.5))
+        # The walk stays within BMIs a body can have (12 to 60 at today's height): left
+        # free it drifted out of the plausible range of the dbt tests at a few thousand patients.
+        square_m = (height_cm / 100) ** 2
+        weight_kg = min(60 * square_m, max(15.0, 12 * square_m, weight_kg + rng.gauss(0, 1.5)))
         if imperial:
             height = _quantity(height_cm / 2.54, "[in_i]")
             weight = _quantity(weight_kg / 0.45359237, "[lb_av]")
