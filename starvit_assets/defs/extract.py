@@ -28,7 +28,15 @@ from starvit_assets.fhir.errors import ExportError
 from starvit_assets.fhir.server import BulkDataServer
 from starvit_assets.settings import StarvitSettings
 
-RESOURCE_TYPES = ("Patient", "Encounter", "Observation", "Condition", "MedicationRequest")
+RESOURCE_TYPES = (
+    "Patient",
+    "Encounter",
+    "Observation",
+    "Condition",
+    "MedicationRequest",
+    "Procedure",
+    "Immunization",
+)
 GROUP = "phi_extract"
 MANIFEST_CHECK = "manifest_counts_match"
 
