@@ -24,6 +24,7 @@ from starvit_assets.defs.automation import (
 )
 from starvit_assets.defs.dbt import dbt_models, dbt_resource
 from starvit_assets.defs.deid_raw import DEID_ASSETS
+from starvit_assets.defs.deletions import DELETION_ASSETS
 from starvit_assets.defs.extract import fhir_export
 from starvit_assets.defs.graph import tigergraph_load
 from starvit_assets.defs.resources import PlatformResource
@@ -130,7 +131,14 @@ def apply_platform_policies(spec: dg.AssetSpec) -> dg.AssetSpec:
 def build_definitions() -> dg.Definitions:
     settings = load_settings()
     definitions = dg.Definitions(
-        assets=[fhir_export, *DEID_ASSETS, *WAREHOUSE_RAW_ASSETS, dbt_models, tigergraph_load],
+        assets=[
+            fhir_export,
+            *DEID_ASSETS,
+            *WAREHOUSE_RAW_ASSETS,
+            *DELETION_ASSETS,
+            dbt_models,
+            tigergraph_load,
+        ],
         jobs=[full_lineage_job, fhir_exports_job, *RETENTION_DEFS.jobs],
         schedules=[daily_full_lineage, *RETENTION_DEFS.schedules],
         sensors=[
