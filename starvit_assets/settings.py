@@ -74,7 +74,9 @@ class StarvitSettings(BaseSettings):
     pseudonymisation_key_file: Path | None = Field(
         default=None, description="File holding the hex-encoded HMAC key"
     )
-    export_types: str = "Patient,Encounter,Observation,Condition,MedicationRequest"
+    export_types: str = (
+        "Patient,Encounter,Observation,Condition,MedicationRequest,Procedure,Immunization"
+    )
     bq_project: str | None = Field(default=None, description="BigQuery project (bigquery target)")
     bq_location: str = Field(default="US", description="BigQuery location")
     gcs_bucket: str | None = Field(
@@ -91,6 +93,10 @@ class StarvitSettings(BaseSettings):
     )
     dlp_wrapped_key_file: Path | None = Field(
         default=None, description="File holding the KMS-wrapped DLP data key (binary)"
+    )
+    dbt_docs_url: str = Field(
+        default="http://127.0.0.1:8580",
+        description="Base URL of the dbt docs site the dbt assets link to (`starvit dbt docs`)",
     )
     k_anonymity_threshold: int = Field(
         default=5, ge=2, description="Smallest acceptable class size on the quasi-identifiers"

@@ -3,6 +3,9 @@
     newest measurement this table has used (source_loaded_at), and merges their rows on
     patient_id. A retracted measurement that leaves a patient without a BMI keeps the old row
     until the next --full-refresh.
+    A run for a window (vars window_start / window_end: _loaded_at in [start, end)) or for one
+    export (var export_id: the current version of the measurement first arrived in it) looks
+    for changed patients there instead of after the watermark; defs/dbt.py passes them.
 -#}
 {{
     config(
@@ -42,7 +45,19 @@ changed_patients as (
     from observations
     cross join watermark
     where observations.body_measure is not null
+    {%- if incremental_window_given() %}
+        {%- if var('window_start') %}
+        and observations._loaded_at >= {{ timestamp_literal(var('window_start')) }}
+        {%- endif %}
+        {%- if var('window_end') %}
+        and observations._loaded_at < {{ timestamp_literal(var('window_end')) }}
+        {%- endif %}
+        {%- if var('export_id') %}
+        and observations._export_id = {{ dbt.string_literal(var('export_id')) }}
+        {%- endif %}
+    {%- else %}
         and (watermark.loaded_at is null or observations._loaded_at > watermark.loaded_at)
+    {%- endif %}
 
 ),
 
