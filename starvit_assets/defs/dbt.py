@@ -288,7 +288,7 @@ def _partition_time_window(
         return None
     try:
         window = context.partition_time_window
-    except Exception:  # noqa: BLE001 - a partition that is not a time window has none
+    except Exception:  # a partition that is not a time window has none
         return None
     return window.start, window.end
 
