@@ -62,11 +62,13 @@ def materialize_all(
     settings: StarvitSettings,
     log_path: Path | None = None,
     asset_keys: Sequence[AssetKey] | None = None,
+    incremental: bool = False,
 ) -> RunSummary:
     """Run the ``full_lineage`` job in process against the persistent instance.
 
     With ``log_path``, the run's console output (Dagster's and dbt's) goes to that file; with
-    ``asset_keys``, only those assets (and their checks) run.
+    ``asset_keys``, only those assets (and their checks) run; with ``incremental``, the export
+    asks only for what changed since the last one (and gets the deletions since then).
     """
     from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance
 
@@ -84,7 +86,14 @@ def materialize_all(
         result = job.execute_in_process(
             instance=instance,
             raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            run_config={
+                "loggers": {"console": {"config": {"log_level": "INFO"}}},
+                **(
+                    {"ops": {"fhir_export": {"config": {"incremental": True}}}}
+                    if incremental
+                    else {}
+                ),
+            },
             asset_selection=list(asset_keys) if asset_keys else None,
         )
     summary = RunSummary(success=result.success, run_id=result.run_id)
