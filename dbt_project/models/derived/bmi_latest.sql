@@ -30,7 +30,27 @@ body_measures as (
 
 ),
 
-{% if is_incremental() %}
+{% if is_incremental() and incremental_window_given() %}
+
+changed_patients as (
+
+    select distinct observations.patient_id
+
+    from observations
+    where observations.body_measure is not null
+        {%- if var('window_start') %}
+        and observations._loaded_at >= {{ timestamp_literal(var('window_start')) }}
+        {%- endif %}
+        {%- if var('window_end') %}
+        and observations._loaded_at < {{ timestamp_literal(var('window_end')) }}
+        {%- endif %}
+        {%- if var('export_id') %}
+        and observations._export_id = '{{ var('export_id') }}'
+        {%- endif %}
+
+),
+
+{% elif is_incremental() %}
 
 watermark as (
 
@@ -45,19 +65,7 @@ changed_patients as (
     from observations
     cross join watermark
     where observations.body_measure is not null
-    {%- if incremental_window_given() %}
-        {%- if var('window_start') %}
-        and observations._loaded_at >= {{ timestamp_literal(var('window_start')) }}
-        {%- endif %}
-        {%- if var('window_end') %}
-        and observations._loaded_at < {{ timestamp_literal(var('window_end')) }}
-        {%- endif %}
-        {%- if var('export_id') %}
-        and observations._export_id = {{ dbt.string_literal(var('export_id')) }}
-        {%- endif %}
-    {%- else %}
         and (watermark.loaded_at is null or observations._loaded_at > watermark.loaded_at)
-    {%- endif %}
 
 ),
 
