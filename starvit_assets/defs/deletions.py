@@ -8,6 +8,7 @@ macro ``exclude_deleted`` leaves these resources out of every refined model.
 """
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Iterator
 
@@ -20,9 +21,9 @@ from starvit_assets.defs.extract import RESOURCE_TYPES, fhir_asset_key
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.warehouse import GROUP as WAREHOUSE_GROUP
 from starvit_assets.defs.warehouse import ROWS_CHECK, load_new_partitions, warehouse_raw_key
-from starvit_assets.deid.engine import DeidError
+from starvit_assets.deid.engine import DeidBackend, DeidError
 from starvit_assets.deid.leak import LeakHashSet
-from starvit_assets.deid.policy import PolicyError, load_policy
+from starvit_assets.deid.policy import Policy, PolicyError, load_policy
 from starvit_assets.exports import (
     DELETED_FILES_GLOB,
     ExportRecordError,
@@ -58,6 +59,10 @@ def pending_exports(settings: StarvitSettings, published: set[str]) -> dict[str,
         if folder.name not in found and manifest.is_file():
             found[folder.name] = str(json.loads(manifest.read_text())["transactionTime"])
     return {eid: when for eid, when in sorted(found.items()) if eid not in published}
+
+
+def _backend(platform: PlatformResource, export_date: dt.date, policy: Policy) -> DeidBackend:
+    return platform.deid_backend(policy, export_date)
 
 
 @dg.asset(
@@ -127,7 +132,7 @@ def deleted_resource(
             data, counts = deletions_table(
                 files,
                 policy=policy,
-                backend_for=lambda narrowed, day=export_date: platform.deid_backend(narrowed, day),
+                backend_for=functools.partial(_backend, platform, export_date),
                 key=settings.key,
                 export_id=export_id,
                 transaction_time=transaction_time,
