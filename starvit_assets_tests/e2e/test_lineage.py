@@ -422,19 +422,24 @@ def test_bmi_of_a_patient_measured_in_inches_and_pounds_is_hand_computed(lineage
 
 
 # The two tests below change the warehouse: they stay last in this file.
-def _rerun_lineage(lineage: Lineage, *, incremental: bool = False) -> object:
+def _rerun_lineage(lineage: Lineage) -> object:
+    from starvit_assets.fhir.server import BulkDataServer
+
+    with BulkDataServer(lineage.source) as server:
+        return _run_against(server.base_url)
+
+
+def _run_against(base_url: str, *, incremental: bool = False) -> object:
     import os
 
     from starvit_assets.demo import materialize_all
-    from starvit_assets.fhir.server import BulkDataServer
     from starvit_assets.settings import load_settings
 
-    with BulkDataServer(lineage.source) as server:
-        os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
-        try:
-            return materialize_all(load_settings(), incremental=incremental)
-        finally:
-            del os.environ["STARVIT_FHIR_BASE_URL"]
+    os.environ["STARVIT_FHIR_BASE_URL"] = base_url
+    try:
+        return materialize_all(load_settings(), incremental=incremental)
+    finally:
+        del os.environ["STARVIT_FHIR_BASE_URL"]
 
 
 def _bmi_rows(dsn: str) -> dict[str, tuple[object, float]]:
@@ -527,18 +532,23 @@ def test_a_resource_deleted_in_an_incremental_export_leaves_its_refined_table(
     import datetime as dt
 
     from starvit_assets.deid.engine import pseudonym
+    from starvit_assets.fhir.server import BulkDataServer
     from starvit_assets.settings import load_settings
 
     procedure = _resources(lineage.source, "Procedure")[0]
     token = pseudonym(lineage.key, "Procedure", procedure["id"])
     before = _refined_ids(lineage.warehouse_dsn, "procedure")
     assert token in before
-    deleted_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    with (lineage.source / "_deleted.ndjson").open("a") as handle:
-        tombstone = {"resourceType": "Procedure", "id": procedure["id"]}
-        handle.write(json.dumps({**tombstone, "meta": {"lastUpdated": deleted_at}}) + "\n")
-
-    summary = _rerun_lineage(lineage, incremental=True)
+    # The watermark belongs to the server's URL: a full export from this server first, then
+    # the deletion, then an incremental export from the same server.
+    with BulkDataServer(lineage.source) as server:
+        full = _run_against(server.base_url)
+        assert full.success, full  # type: ignore[attr-defined]
+        deleted_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        with (lineage.source / "_deleted.ndjson").open("a") as handle:
+            tombstone = {"resourceType": "Procedure", "id": procedure["id"]}
+            handle.write(json.dumps({**tombstone, "meta": {"lastUpdated": deleted_at}}) + "\n")
+        summary = _run_against(server.base_url, incremental=True)
 
     assert summary.success and not summary.checks_failed, summary  # type: ignore[attr-defined]
     assert _refined_ids(lineage.warehouse_dsn, "procedure") == before - {token}
