@@ -25,6 +25,7 @@ from starvit_assets.defs.automation import (
 )
 from starvit_assets.defs.dbt import dbt_models, dbt_resource
 from starvit_assets.defs.deid_raw import DEID_ASSETS
+from starvit_assets.defs.deletions import DELETION_ASSETS
 from starvit_assets.defs.extract import fhir_export
 from starvit_assets.defs.graph import tigergraph_load
 from starvit_assets.defs.linkage import person_patient_map
@@ -151,6 +152,7 @@ def build_definitions() -> dg.Definitions:
             *WAREHOUSE_RAW_ASSETS,
             person_patient_map,
             terminology_code_validation,
+            *DELETION_ASSETS,
             dbt_models,
             tigergraph_load,
         ],

@@ -67,23 +67,29 @@ def materialize_all(
     settings: StarvitSettings,
     log_path: Path | None = None,
     asset_keys: Sequence[AssetKey] | None = None,
+    incremental: bool = False,
 ) -> RunSummary:
     """Run the ``full_lineage`` job in process against the persistent instance.
 
     The exports run as a full refresh into today's partition, so every run sees the whole
-    source folder, whatever its resources' ``meta.lastUpdated``. With ``log_path``, the run's
-    console output (Dagster's and dbt's) goes to that file; with ``asset_keys``, only those
-    assets (and their checks) run.
+    source folder, whatever its resources' ``meta.lastUpdated``; with ``incremental``, the
+    export asks only for what changed since the last one (and gets the deletions since
+    then). With ``log_path``, the run's console output (Dagster's and dbt's) goes to that
+    file; with ``asset_keys``, only those assets (and their checks) run.
     """
     from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance
 
     from starvit_assets.definitions import defs
-    from starvit_assets.defs.extract import FULL_REFRESH_EXPORT, current_partition_key
+    from starvit_assets.defs.extract import (
+        FULL_REFRESH_EXPORT,
+        INCREMENTAL_EXPORT,
+        current_partition_key,
+    )
 
     job = defs.resolve_job_def("full_lineage")
     run_config: dict[str, object] = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     if asset_keys is None or any(key.path[0] == "fhir" for key in asset_keys):
-        run_config.update(FULL_REFRESH_EXPORT)
+        run_config.update(INCREMENTAL_EXPORT if incremental else FULL_REFRESH_EXPORT)
     with ExitStack() as stack:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)

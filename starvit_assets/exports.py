@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from starvit_assets.lake.consent import CONSENT_FILE_PATTERN
 from starvit_assets.settings import StarvitSettings
 
 
@@ -75,3 +76,27 @@ def latest_staged_export(settings: StarvitSettings, resource_type: str) -> Stage
 def leak_hashes_path(settings: StarvitSettings) -> Path:
     """Salted hashes of identifying values seen in exports (PHI zone, hashes only)."""
     return settings.phi_dir / "leak_hashes.bin"
+
+
+# The manifest's deleted[] lists, as the client names them in the staged export.
+DELETED_FILES_GLOB = "_deleted.*.ndjson"
+
+
+def remove_export_folder_when_done(settings: StarvitSettings, export_id: str) -> None:
+    """Remove an export's staging folder once nothing in it waits for de-identification: no
+    resource NDJSON and no deleted[] list (``deid_raw/deleted_resource`` carries that one)."""
+    folder = staging_dir(settings, export_id)
+    if not folder.is_dir():
+        return
+    consent_files = set(folder.glob(CONSENT_FILE_PATTERN))
+    resource_files = [
+        path
+        for path in folder.glob("*.ndjson")
+        if not path.name.startswith("_") and path not in consent_files
+    ]
+    if resource_files or any(folder.glob(DELETED_FILES_GLOB)):
+        return
+    # What is left is the export's bookkeeping: manifest.json and the error[] lists.
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    folder.rmdir()

@@ -89,7 +89,9 @@ class StarvitSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="Name of this FHIR source in the person linkage (person_patient_map.source)",
     )
-    export_types: str = "Patient,Encounter,Observation,Condition,MedicationRequest"
+    export_types: str = (
+        "Patient,Encounter,Observation,Condition,MedicationRequest,Procedure,Immunization"
+    )
     bq_project: str | None = Field(default=None, description="BigQuery project (bigquery target)")
     bq_location: str = Field(default="US", description="BigQuery location")
     gcs_bucket: str | None = Field(
@@ -115,6 +117,10 @@ class StarvitSettings(BaseSettings):
             "Forked processes the de-identification gate spreads one table's batches over "
             "(local backend only)"
         ),
+    )
+    dbt_docs_url: str = Field(
+        default="http://127.0.0.1:8580",
+        description="Base URL of the dbt docs site the dbt assets link to (`starvit dbt docs`)",
     )
     k_anonymity_threshold: int = Field(
         default=5, ge=2, description="Smallest acceptable class size on the quasi-identifiers"

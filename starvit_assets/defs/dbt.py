@@ -7,6 +7,7 @@ the staging models also carry their column lineage from the warehouse raw tables
 their SQL (``starvit_assets.lineage``).
 """
 
+import datetime as dt
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from starvit_assets.clinical.terminology import BODY_MEASURES
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.warehouse import raw_contract, warehouse_raw_key
 from starvit_assets.lineage import TableLineage, shipped_lineage, staging_model_name
-from starvit_assets.settings import DBT_PROJECT_DIR, dbt_executable
+from starvit_assets.settings import DBT_PROJECT_DIR, dbt_executable, load_settings
 
 DBT_DOCS_PORT = 8580
 DBT_INDIRECT_SELECTION = "DBT_INDIRECT_SELECTION"
@@ -171,6 +172,14 @@ def staging_column_lineage(lineage: TableLineage) -> dg.TableColumnLineage:
     )
 
 
+def dbt_docs_url(props: Mapping[str, Any], base_url: str | None = None) -> str:
+    """The node's page in the dbt docs site (``starvit dbt docs`` serves it on
+    ``STARVIT_DBT_DOCS_URL``, default http://127.0.0.1:8580): ``#!/model/model.starvit.<name>``,
+    ``#!/source/source.starvit.fhir_raw.<table>`` and so on."""
+    base = (base_url or load_settings().dbt_docs_url).rstrip("/")
+    return f"{base}/#!/{props['resource_type']}/{props['unique_id']}"
+
+
 class StarvitDbtTranslator(DagsterDbtTranslator):
     """Keys per zone (``refined/patient``), groups per layer, owners from dbt ``meta.owner``."""
 
@@ -189,9 +198,7 @@ class StarvitDbtTranslator(DagsterDbtTranslator):
     def get_metadata(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, Any]:
         metadata = dict(super().get_metadata(dbt_resource_props))
         resource_type = dbt_resource_props["resource_type"]
-        metadata["dbt_docs"] = dg.MetadataValue.url(
-            f"http://localhost:{DBT_DOCS_PORT}/#!/{resource_type}/{dbt_resource_props['unique_id']}"
-        )
+        metadata["dbt_docs"] = dg.MetadataValue.url(dbt_docs_url(dbt_resource_props))
         if resource_type in ("model", "seed", "snapshot"):
             metadata["contract"] = dg.MetadataValue.json(dbt_contract(dbt_resource_props))
         lineage = _staging_lineage(dbt_resource_props)
@@ -216,6 +223,78 @@ def dbt_resource(target: str) -> DbtCliResource:
     )
 
 
+# --- incremental windows ----------------------------------------------------------------------
+WINDOW_START_TAG = "starvit/dbt_window_start"
+WINDOW_END_TAG = "starvit/dbt_window_end"
+EXPORT_ID_TAG = "starvit/dbt_export_id"
+_EXPORT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class DbtWindowError(ValueError):
+    pass
+
+
+class DbtRunConfig(dg.Config):
+    """The window an incremental run looks for changed rows in; all unset means the models'
+    own watermark. Run tags ``starvit/dbt_window_start``, ``starvit/dbt_window_end`` and
+    ``starvit/dbt_export_id`` set the same (the run config wins)."""
+
+    window_start: str | None = None
+    """ISO 8601 instant: rows loaded into the warehouse (``_loaded_at``) at or after it."""
+    window_end: str | None = None
+    """ISO 8601 instant: rows loaded before it."""
+    export_id: str | None = None
+    """Rows whose current version first arrived with this export."""
+
+
+def _instant(name: str, value: str) -> str:
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise DbtWindowError(f"{name} is not an ISO 8601 instant: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise DbtWindowError(f"{name} needs an offset (for example +00:00): {value!r}")
+    return parsed.astimezone(dt.UTC).isoformat()
+
+
+def dbt_window_vars(
+    config: DbtRunConfig,
+    tags: Mapping[str, str],
+    time_window: tuple[dt.datetime, dt.datetime] | None = None,
+) -> dict[str, str]:
+    """The ``--vars`` of a dbt run: the run config, else the run tags, else the partition time
+    window the run is for; empty (no ``--vars``) for a run with none of them."""
+    start = config.window_start or tags.get(WINDOW_START_TAG)
+    end = config.window_end or tags.get(WINDOW_END_TAG)
+    export_id = config.export_id or tags.get(EXPORT_ID_TAG)
+    if not (start or end or export_id) and time_window is not None:
+        start, end = (moment.isoformat() for moment in time_window)
+    found: dict[str, str] = {}
+    if start:
+        found["window_start"] = _instant("window_start", start)
+    if end:
+        found["window_end"] = _instant("window_end", end)
+    if start and end and found["window_start"] >= found["window_end"]:
+        raise DbtWindowError("window_start must be before window_end")
+    if export_id:
+        if not _EXPORT_ID.match(export_id):
+            raise DbtWindowError("export_id may hold only letters, digits, '.', '_' and '-'")
+        found["export_id"] = export_id
+    return found
+
+
+def _partition_time_window(
+    context: dg.AssetExecutionContext,
+) -> tuple[dt.datetime, dt.datetime] | None:
+    if not context.has_partition_key:
+        return None
+    try:
+        window = context.partition_time_window
+    except Exception:  # a partition that is not a time window has none
+        return None
+    return window.start, window.end
+
+
 @dbt_assets(
     manifest=manifest_path(),
     project=dbt_project,
@@ -223,7 +302,10 @@ def dbt_resource(target: str) -> DbtCliResource:
     name="dbt_models",
 )
 def dbt_models(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, platform: PlatformResource
+    context: dg.AssetExecutionContext,
+    config: DbtRunConfig,
+    dbt: DbtCliResource,
+    platform: PlatformResource,
 ) -> Iterator[Any]:
     platform.endpoints  # noqa: B018 - starts the embedded warehouse and exports the dbt env
     # A run splits the dbt models into several steps when a non-dbt asset sits between them
@@ -231,4 +313,12 @@ def dbt_models(
     # indirect selection (eager) would then run a refined model's relationships test with a
     # seed in the seeds' step, before the model exists; "buildable" runs it with the model.
     os.environ.setdefault(DBT_INDIRECT_SELECTION, "buildable")
-    yield from dbt.cli(["build"], context=context).stream()
+    try:
+        window = dbt_window_vars(config, context.run.tags, _partition_time_window(context))
+    except DbtWindowError as error:
+        raise dg.Failure(description=f"dbt run window: {error}") from None
+    args = ["build"]
+    if window:
+        context.log.info(f"dbt incremental window: {window}")
+        args += ["--vars", json.dumps(window)]
+    yield from dbt.cli(args, context=context).stream()

@@ -25,6 +25,7 @@ from starvit_assets.exports import (
     StagedExport,
     latest_staged_export,
     leak_hashes_path,
+    remove_export_folder_when_done,
     staging_dir,
 )
 from starvit_assets.lake.consent import (
@@ -342,19 +343,10 @@ def _export_date(transaction_time: str) -> dt.date:
 def _purge_staged(settings: StarvitSettings, export: StagedExport) -> None:
     for path in export.paths(settings):
         path.unlink(missing_ok=True)
-    folder = staging_dir(settings, export.export_id)
-    # The export's error and deleted lists (``_error.*``, ``_deleted.*``) and its Consent
-    # resources (read by every table's record filter) go with the last type.
-    consent_files = set(folder.glob(CONSENT_FILE_PATTERN))
-    resource_files = [
-        path
-        for path in folder.glob("*.ndjson")
-        if not path.name.startswith("_") and path not in consent_files
-    ]
-    if folder.is_dir() and not resource_files:
-        for leftover in folder.iterdir():
-            leftover.unlink()
-        folder.rmdir()
+    # The export's error lists and its Consent resources (read by every table's
+    # record filter) go with the last type; its deleted[] lists stay until
+    # deid_raw/deleted_resource has carried them across.
+    remove_export_folder_when_done(settings, export.export_id)
 
 
 DEID_ASSETS = [build_deid_asset(name, view) for name, view in sorted(shipped_views().items())]

@@ -47,7 +47,15 @@ from starvit_assets.lake.partitions import RawLake
 from starvit_assets.settings import StarvitSettings
 from starvit_assets.views.runner import shipped_views
 
-RESOURCE_TYPES = ("Patient", "Encounter", "Observation", "Condition", "MedicationRequest")
+RESOURCE_TYPES = (
+    "Patient",
+    "Encounter",
+    "Observation",
+    "Condition",
+    "MedicationRequest",
+    "Procedure",
+    "Immunization",
+)
 GROUP = "phi_extract"
 MANIFEST_CHECK = "manifest_counts_match"
 EMBEDDED_SOURCE_PREFIX = "embedded+"

@@ -7,6 +7,8 @@ contract (``starvit_assets.lineage``).
 """
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -67,6 +69,39 @@ def raw_column_lineage(lineage: TableLineage) -> dg.TableColumnLineage:
     )
 
 
+@dataclass(frozen=True)
+class PartitionLoad:
+    partitions: list[tuple[str, Path]]
+    loaded: list[str]
+    mismatched: list[str]
+    rows: int
+
+
+def load_new_partitions(platform: PlatformResource, table: str) -> PartitionLoad:
+    """COPY every published partition of ``table`` the warehouse does not hold yet (by row
+    count; an empty partition holds no rows either way); then compare every export's rows."""
+    partitions = platform.lake.partitions(table)
+    if not partitions:
+        raise dg.Failure(
+            description=f"no published partitions of deid_raw/{table}: materialize it first"
+        )
+    expected = {export_id: pq.ParquetFile(path).metadata.num_rows for export_id, path in partitions}
+    loaded: list[str] = []
+    try:
+        with platform.raw_warehouse() as warehouse:
+            before = warehouse.loaded_row_counts(table)
+            for export_id, path in partitions:
+                if export_id in before and before[export_id] == expected[export_id]:
+                    continue
+                warehouse.load_partition(table, export_id, path)
+                loaded.append(export_id)
+            after = warehouse.loaded_row_counts(table)
+    except LoadError as error:
+        raise dg.Failure(description=str(error)) from None
+    mismatched = [eid for eid, rows in expected.items() if after.get(eid, 0) != rows]
+    return PartitionLoad(partitions, loaded, mismatched, sum(after.values()))
+
+
 def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
     key = warehouse_raw_key(table)
     lineage = shipped_lineage()[table]
@@ -99,29 +134,8 @@ def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, platform: PlatformResource
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         schema = platform.settings.raw_schema
-        partitions = platform.lake.partitions(table)
-        if not partitions:
-            raise dg.Failure(
-                description=f"no published partitions of deid_raw/{table}: materialize it first"
-            )
-        loaded: list[str] = []
-        try:
-            with platform.raw_warehouse() as warehouse:
-                before = warehouse.loaded_row_counts(table)
-                for export_id, path in partitions:
-                    expected = pq.ParquetFile(path).metadata.num_rows
-                    if before.get(export_id) == expected:
-                        continue
-                    warehouse.load_partition(table, export_id, path)
-                    loaded.append(export_id)
-                after = warehouse.loaded_row_counts(table)
-        except LoadError as error:
-            raise dg.Failure(description=str(error)) from None
-        mismatched = [
-            export_id
-            for export_id, path in partitions
-            if after.get(export_id) != pq.ParquetFile(path).metadata.num_rows
-        ]
+        result = load_new_partitions(platform, table)
+        partitions, loaded, mismatched = result.partitions, result.loaded, result.mismatched
         context.log.info(f"{schema}.{table}: loaded {len(loaded)} partition(s)")
         yield dg.AssetCheckResult(
             asset_key=key,
@@ -133,7 +147,7 @@ def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
             asset_key=key,
             metadata={
                 "table": f"{schema}.{table}",
-                "rows": dg.MetadataValue.int(sum(after.values())),
+                "rows": dg.MetadataValue.int(result.rows),
                 "partitions_loaded": dg.MetadataValue.int(len(loaded)),
                 "dagster/relation_identifier": f"warehouse.{schema}.{table}",
                 # Dagster reads column lineage from materializations too.

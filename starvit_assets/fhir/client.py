@@ -1234,18 +1234,25 @@ def _outcome_summary(error_files: Sequence[Path]) -> tuple[int, dict[str, int]]:
 def iter_deleted_references(paths: Sequence[Path]) -> Iterator[str]:
     """``Type/id`` of every DELETE entry in the manifest's deleted[] transaction Bundles."""
     for line in _iter_lines(paths):
-        try:
-            bundle = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
-            request = entry.get("request", {}) if isinstance(entry, dict) else {}
-            if isinstance(request, dict) and request.get("method") == "DELETE":
-                url = str(request.get("url", ""))
-                # Entries may be absolute ([base]/Type/id); keep the Type/id tail.
-                parts = url.rstrip("/").split("/")
-                if len(parts) >= 2:
-                    yield f"{parts[-2]}/{parts[-1]}"
+        yield from deleted_references_in_line(line)
+
+
+def deleted_references_in_line(line: bytes | str) -> list[str]:
+    """``Type/id`` of the DELETE entries of one deleted[] Bundle line (none if it is no Bundle)."""
+    try:
+        bundle = json.loads(line)
+    except json.JSONDecodeError:
+        return []
+    references = []
+    for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
+        request = entry.get("request", {}) if isinstance(entry, dict) else {}
+        if isinstance(request, dict) and request.get("method") == "DELETE":
+            url = str(request.get("url", ""))
+            # Entries may be absolute ([base]/Type/id); keep the Type/id tail.
+            parts = url.rstrip("/").split("/")
+            if len(parts) >= 2:
+                references.append(f"{parts[-2]}/{parts[-1]}")
+    return references
 
 
 @dataclass(frozen=True)
@@ -1345,6 +1352,7 @@ __all__ = [
     "ExportRequest",
     "ExportResult",
     "dedup_ndjson",
+    "deleted_references_in_line",
     "iter_deleted_references",
     "iter_latest_resources",
     "retry_after_seconds",

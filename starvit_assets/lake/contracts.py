@@ -68,6 +68,18 @@ CONTRACTS: dict[str, TableContract] = {
         required=("patient_id",),
         grain="one row per MedicationRequest resource version in an export",
     ),
+    "procedure": TableContract(
+        "procedure",
+        key="procedure_id",
+        required=("patient_id",),
+        grain="one row per Procedure resource version in an export",
+    ),
+    "immunization": TableContract(
+        "immunization",
+        key="immunization_id",
+        required=("patient_id",),
+        grain="one row per Immunization resource version in an export",
+    ),
 }
 
 

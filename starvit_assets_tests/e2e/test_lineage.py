@@ -231,7 +231,14 @@ def _identifying_values(source: Path) -> set[str]:
                 values.add(address["postalCode"])
         if patient.get("birthDate"):
             values.add(patient["birthDate"])
-    for resource_type in ("Encounter", "Observation", "Condition", "MedicationRequest"):
+    for resource_type in (
+        "Encounter",
+        "Observation",
+        "Condition",
+        "MedicationRequest",
+        "Procedure",
+        "Immunization",
+    ):
         values.update(r["id"] for r in _resources(source, resource_type))
     values.update(CANARIES.values())
     return {value for value in values if len(value) >= 3}
@@ -290,8 +297,9 @@ def test_no_identifying_value_reaches_lake_warehouse_graph_or_dagster_storage(
     assert len(values) > PATIENTS * 5
 
     lake_files = list((lineage.home / "lake").rglob("*.parquet"))
-    assert len(list((lineage.home / "lake" / "deid_raw").rglob("*.parquet"))) == 5
-    assert len(list((lineage.home / "lake" / "deid_quarantine").rglob("*.parquet"))) == 5
+    # Seven view tables and the (empty) deletions of the export; no quarantine for deletions.
+    assert len(list((lineage.home / "lake" / "deid_raw").rglob("*.parquet"))) == 8
+    assert len(list((lineage.home / "lake" / "deid_quarantine").rglob("*.parquet"))) == 7
     lake_text = "\n".join(
         json.dumps(pq.read_table(path).to_pylist(), default=str) for path in lake_files
     )
@@ -344,8 +352,12 @@ def test_every_safe_harbor_canary_is_held_back(lineage: Lineage) -> None:
 def test_gate_counts_reconcile_for_every_table(lineage: Lineage) -> None:
     from starvit_assets.lake.gate import GateCounts
 
-    folders = [path.parent for path in (lineage.home / "lake" / "deid_raw").rglob("*.parquet")]
-    assert len(folders) == 5
+    folders = [
+        path.parent
+        for path in (lineage.home / "lake" / "deid_raw").rglob("*.parquet")
+        if path.parent.parent.name != "deleted_resource"
+    ]
+    assert len(folders) == 7
     for folder in folders:
         counts = GateCounts.load(folder)
         assert counts.reconciles, folder
@@ -626,18 +638,23 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
 
 # The two tests below change the warehouse: they stay last in this file.
 def _rerun_lineage(lineage: Lineage) -> object:
+    from starvit_assets.fhir.server import BulkDataServer
+
+    with BulkDataServer(lineage.source) as server:
+        return _run_against(server.base_url)
+
+
+def _run_against(base_url: str, *, incremental: bool = False) -> object:
     import os
 
     from starvit_assets.demo import materialize_all
-    from starvit_assets.fhir.server import BulkDataServer
     from starvit_assets.settings import load_settings
 
-    with BulkDataServer(lineage.source) as server:
-        os.environ["STARVIT_FHIR_BASE_URL"] = server.base_url
-        try:
-            return materialize_all(load_settings())
-        finally:
-            del os.environ["STARVIT_FHIR_BASE_URL"]
+    os.environ["STARVIT_FHIR_BASE_URL"] = base_url
+    try:
+        return materialize_all(load_settings(), incremental=incremental)
+    finally:
+        del os.environ["STARVIT_FHIR_BASE_URL"]
 
 
 def _bmi_rows(dsn: str) -> dict[str, tuple[object, float]]:
@@ -707,6 +724,59 @@ def test_a_changed_weight_recomputes_only_that_patients_bmi(lineage: Lineage) ->
     }
     assert recomputed == {token}
     assert after[token][1] == 99.0
+
+
+def _refined_ids(dsn: str, table: str) -> set[str]:
+    from starvit_assets.settings import load_settings
+
+    refined = load_settings().schema_name("refined")
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute(
+            sql.SQL("select {} from {}").format(
+                sql.Identifier(f"{table}_id"), sql.Identifier(refined, table)
+            )
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def test_a_resource_deleted_in_an_incremental_export_leaves_its_refined_table(
+    lineage: Lineage,
+) -> None:
+    """The server lists a deleted procedure in the incremental export's deleted[]; it crosses
+    the gate pseudonymised and disappears from refined.procedure, the other rows stay."""
+    import datetime as dt
+
+    from starvit_assets.deid.engine import pseudonym
+    from starvit_assets.fhir.server import BulkDataServer
+    from starvit_assets.settings import load_settings
+
+    procedure = _resources(lineage.source, "Procedure")[0]
+    token = pseudonym(lineage.key, "Procedure", procedure["id"])
+    before = _refined_ids(lineage.warehouse_dsn, "procedure")
+    assert token in before
+    # The watermark belongs to the server's URL: a full export from this server first, then
+    # the deletion, then an incremental export from the same server.
+    with BulkDataServer(lineage.source) as server:
+        full = _run_against(server.base_url)
+        assert full.success, full  # type: ignore[attr-defined]
+        deleted_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        with (lineage.source / "_deleted.ndjson").open("a") as handle:
+            tombstone = {"resourceType": "Procedure", "id": procedure["id"]}
+            handle.write(json.dumps({**tombstone, "meta": {"lastUpdated": deleted_at}}) + "\n")
+        summary = _run_against(server.base_url, incremental=True)
+
+    assert summary.success and not summary.checks_failed, summary  # type: ignore[attr-defined]
+    assert _refined_ids(lineage.warehouse_dsn, "procedure") == before - {token}
+    raw = load_settings().raw_schema
+    with psycopg.connect(lineage.warehouse_dsn) as connection:
+        deletions = connection.execute(
+            sql.SQL("select resource_type, resource_id from {}").format(
+                sql.Identifier(raw, "deleted_resource")
+            )
+        ).fetchall()
+    assert deletions == [("Procedure", token)]
+    assert not list((lineage.home / "phi" / "staging").rglob("*.ndjson"))
+    assert _find_phi(_warehouse_text(lineage.warehouse_dsn), {procedure["id"]}) == []
 
 
 def test_a_failed_blocking_dbt_test_stops_the_downstream_assets_and_fails_the_run(

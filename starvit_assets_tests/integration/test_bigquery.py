@@ -486,6 +486,13 @@ def _service_account_key(path: Path, token_uri: str) -> None:
     path.write_text(json.dumps(info), encoding="utf-8")
 
 
+BMI_WINDOW = {
+    "window_start": "2026-01-01T00:00:00+00:00",
+    "window_end": "2026-01-02T00:00:00Z",
+    "export_id": "20260102T000000Z",
+}
+
+
 @pytest.fixture(scope="session")
 def dbt_bigquery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbtCompile]:
     """The one dbt call of this module: ``dbt compile --target bigquery``, whole project."""
@@ -539,6 +546,10 @@ def dbt_bigquery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbtCompil
             "--log-path",
             str(work / "logs"),
             "--no-partial-parse",
+            # An incremental window, so that bmi_latest's window filters are what compiles
+            # (the watermark branch without them is the same SQL minus those lines).
+            "--vars",
+            json.dumps(BMI_WINDOW),
         ]
         completed = subprocess.run(
             command,
@@ -604,8 +615,12 @@ def test_every_model_is_compiled(dbt_bigquery: DbtCompile) -> None:
 @needs_dbt
 def test_the_incremental_branch_of_bmi_latest_is_compiled(dbt_bigquery: DbtCompile) -> None:
     sql = (dbt_bigquery.target / "compiled/starvit/models/derived/bmi_latest.sql").read_text()
-    assert "watermark as (" in sql
-    assert f"from `{PROJECT}`.`sv_dev_derived`.`bmi_latest`" in sql
+    # The window given (BMI_WINDOW): its filters replace the watermark.
+    assert "watermark as (" not in sql
+    assert "changed_patients as (" in sql
+    assert "observations._loaded_at >= cast('2026-01-01 00:00:00+00:00' as timestamp)" in sql
+    assert "observations._loaded_at < cast('2026-01-02 00:00:00+00:00' as timestamp)" in sql
+    assert "observations._export_id = '20260102T000000Z'" in sql
 
 
 # sqlglot's BigQuery reader also accepts some PostgreSQL spellings that BigQuery rejects; these

@@ -96,6 +96,34 @@ MEDICATION_REQUEST: dict[str, Any] = {
     "encounter": ENCOUNTER_REF,
     "authoredOn": "2024-05-01",
 }
+PROCEDURE: dict[str, Any] = {
+    "resourceType": "Procedure",
+    "id": "pr1",
+    "meta": META,
+    "status": "completed",
+    "code": {
+        "coding": [
+            {"system": "http://example.org/local", "code": "X1"},
+            {"system": "http://snomed.info/sct", "code": "73761001", "display": "Colonoscopy"},
+        ]
+    },
+    "subject": SUBJECT,
+    "encounter": ENCOUNTER_REF,
+    "performedDateTime": "2024-05-01T09:10:00+02:00",
+}
+IMMUNIZATION: dict[str, Any] = {
+    "resourceType": "Immunization",
+    "id": "i1",
+    "meta": META,
+    "status": "completed",
+    "vaccineCode": {
+        "coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "140", "display": "Influenza"}]
+    },
+    "patient": SUBJECT,
+    "encounter": ENCOUNTER_REF,
+    "occurrenceDateTime": "2024-05",
+    "primarySource": False,
+}
 
 # view -> (resource, expected row in column order, Arrow types that are not string)
 SHIPPED: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, pa.DataType]]] = {
@@ -188,8 +216,47 @@ SHIPPED: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, pa.DataType]]
         },
         {},
     ),
+    "procedure": (
+        PROCEDURE,
+        {
+            "procedure_id": "pr1",
+            "patient_id": "p1",
+            "encounter_id": "e1",
+            "version_id": "3",
+            "last_updated": LAST_UPDATED,
+            "status": "completed",
+            "snomed_code": "73761001",
+            "snomed_display": "Colonoscopy",
+            "performed_datetime": "2024-05-01T09:10:00+02:00",
+        },
+        {},
+    ),
+    "immunization": (
+        IMMUNIZATION,
+        {
+            "immunization_id": "i1",
+            "patient_id": "p1",
+            "encounter_id": "e1",
+            "version_id": "3",
+            "last_updated": LAST_UPDATED,
+            "status": "completed",
+            "cvx_code": "140",
+            "cvx_display": "Influenza",
+            "occurrence_datetime": "2024-05",
+            "primary_source": False,
+        },
+        {"primary_source": pa.bool_()},
+    ),
 }
-ALL_RESOURCES = [PATIENT, ENCOUNTER, OBSERVATION, CONDITION, MEDICATION_REQUEST]
+ALL_RESOURCES = [
+    PATIENT,
+    ENCOUNTER,
+    OBSERVATION,
+    CONDITION,
+    MEDICATION_REQUEST,
+    PROCEDURE,
+    IMMUNIZATION,
+]
 
 
 def patient_view(*columns: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -32,6 +32,8 @@ SHIPPED_TYPES = {
     "observation": "Observation",
     "condition": "Condition",
     "medication_request": "MedicationRequest",
+    "procedure": "Procedure",
+    "immunization": "Immunization",
 }
 
 

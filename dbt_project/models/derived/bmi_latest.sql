@@ -3,6 +3,9 @@
     newest measurement this table has used (source_loaded_at), and merges their rows on
     patient_id. A retracted measurement that leaves a patient without a BMI keeps the old row
     until the next --full-refresh.
+    A run for a window (vars window_start / window_end: _loaded_at in [start, end)) or for one
+    export (var export_id: the current version of the measurement first arrived in it) looks
+    for changed patients there instead of after the watermark; defs/dbt.py passes them.
 -#}
 {{
     config(
@@ -27,7 +30,27 @@ body_measures as (
 
 ),
 
-{% if is_incremental() %}
+{% if is_incremental() and incremental_window_given() %}
+
+changed_patients as (
+
+    select distinct observations.patient_id
+
+    from observations
+    where observations.body_measure is not null
+        {%- if var('window_start') %}
+        and observations._loaded_at >= {{ timestamp_literal(var('window_start')) }}
+        {%- endif %}
+        {%- if var('window_end') %}
+        and observations._loaded_at < {{ timestamp_literal(var('window_end')) }}
+        {%- endif %}
+        {%- if var('export_id') %}
+        and observations._export_id = '{{ var('export_id') }}'
+        {%- endif %}
+
+),
+
+{% elif is_incremental() %}
 
 watermark as (
 

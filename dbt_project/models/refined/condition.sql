@@ -6,9 +6,15 @@ conditions as (
 
 ),
 
-latest as (
+latest_versions as (
 
     {{ latest_version('conditions', 'condition_id') }}
+
+),
+
+latest as (
+
+    {{ exclude_deleted('latest_versions', 'Condition', 'condition_id') }}
 
 ),
 

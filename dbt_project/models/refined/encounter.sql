@@ -12,9 +12,15 @@ code_systems as (
 
 ),
 
-latest as (
+latest_versions as (
 
     {{ latest_version('encounters', 'encounter_id') }}
+
+),
+
+latest as (
+
+    {{ exclude_deleted('latest_versions', 'Encounter', 'encounter_id') }}
 
 ),
 

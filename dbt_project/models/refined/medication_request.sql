@@ -6,9 +6,15 @@ medication_requests as (
 
 ),
 
-latest as (
+latest_versions as (
 
     {{ latest_version('medication_requests', 'medication_request_id') }}
+
+),
+
+latest as (
+
+    {{ exclude_deleted('latest_versions', 'MedicationRequest', 'medication_request_id') }}
 
 ),
 

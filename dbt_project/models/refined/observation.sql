@@ -24,9 +24,15 @@ body_measures as (
 
 ),
 
-latest as (
+latest_versions as (
 
     {{ latest_version('observations', 'observation_id') }}
+
+),
+
+latest as (
+
+    {{ exclude_deleted('latest_versions', 'Observation', 'observation_id') }}
 
 ),
 

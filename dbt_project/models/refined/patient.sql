@@ -6,9 +6,15 @@ patients as (
 
 ),
 
-latest as (
+latest_versions as (
 
     {{ latest_version('patients', 'patient_id') }}
+
+),
+
+latest as (
+
+    {{ exclude_deleted('latest_versions', 'Patient', 'patient_id') }}
 
 ),
 

@@ -1,0 +1,128 @@
+"""Deletions from an export's deleted[] list: pseudonymised like the gate, counted, reconciled."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pyarrow as pa
+
+from starvit_assets.deid.engine import LocalDeidEngine, pseudonym
+from starvit_assets.deid.policy import Policy, load_policy
+from starvit_assets.exports import remove_export_folder_when_done
+from starvit_assets.lake.deletions import DELETIONS_SCHEMA, deletion_policy, deletions_table
+from starvit_assets.settings import StarvitSettings
+
+KEY = bytes(range(32))
+DAY = dt.date(2026, 1, 2)
+
+
+def _bundle(*urls: str, method: str = "DELETE") -> str:
+    return json.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"request": {"method": method, "url": url}} for url in urls],
+        }
+    )
+
+
+def _run(tmp_path: Path, lines: list[str]) -> tuple[pa.Table, object]:
+    path = tmp_path / "_deleted.1.ndjson"
+    path.write_text("\n".join(lines) + "\n")
+
+    def backend(policy: Policy) -> LocalDeidEngine:
+        return LocalDeidEngine(KEY, policy, reference_date=DAY)
+
+    return deletions_table(
+        [path],
+        policy=load_policy(),
+        backend_for=backend,
+        key=KEY,
+        export_id="e2",
+        transaction_time="2026-01-02T03:04:05Z",
+    )
+
+
+def test_deleted_ids_get_the_token_of_the_resource_they_name(tmp_path: Path) -> None:
+    data, counts = _run(
+        tmp_path,
+        [
+            _bundle("Observation/obs-1", "https://fhir.example.org/fhir/Patient/pat-1"),
+            _bundle("Procedure/proc-1"),
+        ],
+    )
+    assert data.schema == DELETIONS_SCHEMA
+    rows = data.to_pylist()
+    assert [(r["resource_type"], r["resource_id"]) for r in rows] == [
+        ("Observation", pseudonym(KEY, "Observation", "obs-1")),
+        ("Patient", pseudonym(KEY, "Patient", "pat-1")),
+        ("Procedure", pseudonym(KEY, "Procedure", "proc-1")),
+    ]
+    # The same token as the gate's: its engine pseudonymises the patient table's id alike.
+    gate = LocalDeidEngine(KEY, load_policy(), reference_date=DAY)
+    patient_columns = load_policy().table("patient").columns
+    patient = pa.table(
+        {name: pa.array(["pat-1" if name == "patient_id" else None]) for name in patient_columns}
+    )
+    assert (
+        gate.deidentify("patient", patient).column("patient_id")[0].as_py()
+        == rows[1]["resource_id"]
+    )
+    assert {r["export_transaction_time"] for r in rows} == {"2026-01-02T03:04:05Z"}
+    assert {r["_export_id"] for r in rows} == {"e2"}
+    assert [r["_source_line"] for r in rows] == [1, 1, 2]
+    assert {r["_policy_version"] for r in rows} == {load_policy().version}
+    assert counts.reconciles and counts.rows == 3
+    assert not any(
+        "obs-1" in str(value) or "pat-1" in str(value) for r in rows for value in r.values()
+    )
+
+
+def test_bad_entries_are_counted_by_reason_and_duplicates_once(tmp_path: Path) -> None:
+    data, counts = _run(
+        tmp_path,
+        [
+            _bundle("Condition/c-1", "Condition/c-1"),
+            _bundle("Condition/c-2", method="PUT"),
+            "not json",
+            _bundle("lowercase/c-3", "Condition/" + "x" * 80),
+        ],
+    )
+    assert data.num_rows == 1
+    assert counts.lines_read == 4
+    assert counts.lines_without_deletions == 2
+    assert counts.duplicates == 1
+    assert counts.refused == {
+        "resource type is not a FHIR type name": 1,
+        "resource id is not a FHIR id": 1,
+    }
+    assert counts.reconciles
+
+
+def test_no_deletions_give_an_empty_partition(tmp_path: Path) -> None:
+    data, counts = _run(tmp_path, [])
+    assert data.num_rows == 0 and data.schema == DELETIONS_SCHEMA
+    assert counts.reconciles
+
+
+def test_the_narrowed_policy_keeps_the_gate_policy_version() -> None:
+    narrowed = deletion_policy(load_policy(), ["Patient"])
+    assert narrowed.version == load_policy().version
+    (table,) = narrowed.tables.values()
+    assert table.columns["resource_id"].resource_type == "Patient"
+
+
+def test_the_staged_export_stays_while_its_deleted_list_waits(tmp_path: Path) -> None:
+    settings = StarvitSettings(home=tmp_path)
+    folder = settings.phi_staging_dir / "e1"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    deleted = folder / "_deleted.1.ndjson"
+    deleted.write_text(_bundle("Patient/p") + "\n")
+    remove_export_folder_when_done(settings, "e1")
+    assert deleted.is_file()
+    deleted.unlink()
+    remove_export_folder_when_done(settings, "e1")
+    assert not folder.exists()
