@@ -286,12 +286,14 @@ def dbt_window_vars(
 def _partition_time_window(
     context: dg.AssetExecutionContext,
 ) -> tuple[dt.datetime, dt.datetime] | None:
+    # Only the dbt assets' own time partitions narrow the scan. A run of today's export
+    # partition carries that partition key to the unpartitioned dbt step too; taken as a
+    # window it made every incremental model recompute everything loaded today.
+    if not isinstance(context.assets_def.partitions_def, dg.TimeWindowPartitionsDefinition):
+        return None
     if not context.has_partition_key:
         return None
-    try:
-        window = context.partition_time_window
-    except Exception:  # a partition that is not a time window has none
-        return None
+    window = context.partition_time_window
     return window.start, window.end
 
 
