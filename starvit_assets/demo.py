@@ -52,7 +52,13 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
     from starvit_assets.fhir.synth import generate
 
     folder = settings.embedded_source_dir
-    wanted = {"patients": patients, "seed": seed, "duplicate_rate": DEMO_DUPLICATE_RATE}
+    # "consents": data generated before synth wrote Consent resources is regenerated.
+    wanted = {
+        "patients": patients,
+        "seed": seed,
+        "duplicate_rate": DEMO_DUPLICATE_RATE,
+        "consents": True,
+    }
     marker = folder / SOURCE_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return folder

@@ -48,6 +48,7 @@ LEAK_CHECK = "no_phi_leak"
 RECONCILE_CHECK = "rows_reconcile"
 K_ANONYMITY_CHECK = "k_anonymity"
 PATIENT_TABLE = "patient"
+CONSENT_RESOURCE_TYPE = "Consent"
 
 
 def deid_asset_key(table: str) -> dg.AssetKey:
@@ -111,7 +112,8 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=deid_asset_key(table),
-        deps=[fhir_dep(resource_type)],
+        # Consent: the research opt-outs the record filter reads from the same export.
+        deps=[fhir_dep(resource_type), fhir_dep(CONSENT_RESOURCE_TYPE)],
         group_name=GROUP,
         kinds={"parquet", "pyarrow"},
         description=(

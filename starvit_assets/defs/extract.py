@@ -55,6 +55,9 @@ RESOURCE_TYPES = (
     "MedicationRequest",
     "Procedure",
     "Immunization",
+    # Read in the PHI zone by the gate's record filter (research opt-outs); no table of it
+    # crosses the gate, and its staged files go with the export's last de-identified type.
+    "Consent",
 )
 GROUP = "phi_extract"
 MANIFEST_CHECK = "manifest_counts_match"
