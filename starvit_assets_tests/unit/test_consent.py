@@ -209,6 +209,6 @@ def test_an_unreadable_consent_leaves_the_ledger_as_it_was(tmp_path: Path) -> No
     before = ledger.read_bytes()
     broken = tmp_path / "b.ndjson"
     broken.write_bytes(b'{"resourceType": "Patient", "id": "x"}\n')
-    with pytest.raises(ConsentError, match="b.ndjson line 1: not a Consent resource"):
+    with pytest.raises(ConsentError, match=r"b\.ndjson line 1: not a Consent resource"):
         update_consent_ledger(ledger, [broken], [], full=False)
     assert ledger.read_bytes() == before
