@@ -169,7 +169,13 @@ def run_demo(*, data: Path | None, patients: int, seed: int) -> int:
     print("  embedded PostgreSQL ready" if not settings.warehouse_dsn else "  warehouse reachable")
     if data is None:
         source = ensure_source_data(settings, patients=patients, seed=seed)
-        print(f"  synthetic FHIR data: {patients} patients (seed {seed})")
+        from starvit_assets.fhir.synth import OPTED_OUT_CASE, load_consent_cases
+
+        opted_out = sum(case == OPTED_OUT_CASE for case in load_consent_cases(source).values())
+        print(
+            f"  synthetic FHIR data: {patients} patients (seed {seed}); {opted_out} opted out "
+            "of research in a Consent: the gate holds their records back"
+        )
     else:
         source = data
         print(f"  your FHIR data: {source}")
