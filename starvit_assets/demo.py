@@ -52,7 +52,13 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
     from starvit_assets.fhir.synth import generate
 
     folder = settings.embedded_source_dir
-    wanted = {"patients": patients, "seed": seed, "duplicate_rate": DEMO_DUPLICATE_RATE}
+    # "consents": data generated before synth wrote Consent resources is regenerated.
+    wanted = {
+        "patients": patients,
+        "seed": seed,
+        "duplicate_rate": DEMO_DUPLICATE_RATE,
+        "consents": True,
+    }
     marker = folder / SOURCE_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return folder
@@ -163,7 +169,13 @@ def run_demo(*, data: Path | None, patients: int, seed: int) -> int:
     print("  embedded PostgreSQL ready" if not settings.warehouse_dsn else "  warehouse reachable")
     if data is None:
         source = ensure_source_data(settings, patients=patients, seed=seed)
-        print(f"  synthetic FHIR data: {patients} patients (seed {seed})")
+        from starvit_assets.fhir.synth import OPTED_OUT_CASE, load_consent_cases
+
+        opted_out = sum(case == OPTED_OUT_CASE for case in load_consent_cases(source).values())
+        print(
+            f"  synthetic FHIR data: {patients} patients (seed {seed}); {opted_out} opted out "
+            "of research in a Consent: the gate holds their records back"
+        )
     else:
         source = data
         print(f"  your FHIR data: {source}")

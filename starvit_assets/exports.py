@@ -78,6 +78,11 @@ def leak_hashes_path(settings: StarvitSettings) -> Path:
     return settings.phi_dir / "leak_hashes.bin"
 
 
+def consent_ledger_path(settings: StarvitSettings) -> Path:
+    """The latest version of every exported Consent (PHI zone; lake/consent.py says why)."""
+    return settings.phi_dir / "consent" / "Consent.ndjson"
+
+
 # The manifest's deleted[] lists, as the client names them in the staged export.
 DELETED_FILES_GLOB = "_deleted.*.ndjson"
 

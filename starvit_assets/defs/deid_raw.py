@@ -23,6 +23,7 @@ from starvit_assets.deid.policy import PolicyError, load_policy
 from starvit_assets.exports import (
     ExportRecordError,
     StagedExport,
+    consent_ledger_path,
     latest_staged_export,
     leak_hashes_path,
     remove_export_folder_when_done,
@@ -48,6 +49,7 @@ LEAK_CHECK = "no_phi_leak"
 RECONCILE_CHECK = "rows_reconcile"
 K_ANONYMITY_CHECK = "k_anonymity"
 PATIENT_TABLE = "patient"
+CONSENT_RESOURCE_TYPE = "Consent"
 
 
 def deid_asset_key(table: str) -> dg.AssetKey:
@@ -111,7 +113,8 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=deid_asset_key(table),
-        deps=[fhir_dep(resource_type)],
+        # Consent: the research opt-outs the record filter reads from the same export.
+        deps=[fhir_dep(resource_type), fhir_dep(CONSENT_RESOURCE_TYPE)],
         group_name=GROUP,
         kinds={"parquet", "pyarrow"},
         description=(
@@ -174,8 +177,11 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             )
         policy = load_policy()
         export_date = _export_date(export.transaction_time)
-        # Consent resources staged with the same export (none staged: nobody opted out).
-        consent_files = sorted(staging_dir(settings, export.export_id).glob(CONSENT_FILE_PATTERN))
+        # The Consents of every export so far, then any staged with this one (none at all:
+        # nobody opted out); an incremental export alone holds only the changed ones.
+        ledger = consent_ledger_path(settings)
+        consent_files = [ledger] if ledger.is_file() else []
+        consent_files += sorted(staging_dir(settings, export.export_id).glob(CONSENT_FILE_PATTERN))
         try:
             opt_outs = read_research_opt_outs(consent_files, export_date)
         except ConsentError as error:

@@ -27,6 +27,7 @@ from starvit_assets.deid.leak import LeakHashSet
 from starvit_assets.exports import (
     ExportRecordError,
     StagedExport,
+    consent_ledger_path,
     export_id_for,
     latest_staged_export,
     leak_hashes_path,
@@ -39,10 +40,12 @@ from starvit_assets.fhir.client import (
     ExportProgress,
     ExportRequest,
     ExportResult,
+    iter_deleted_references,
 )
 from starvit_assets.fhir.errors import ExportError
 from starvit_assets.fhir.increments import plan_since
 from starvit_assets.fhir.server import BulkDataServer
+from starvit_assets.lake.consent import ConsentError, update_consent_ledger
 from starvit_assets.lake.partitions import RawLake
 from starvit_assets.settings import StarvitSettings
 from starvit_assets.views.runner import shipped_views
@@ -55,7 +58,11 @@ RESOURCE_TYPES = (
     "MedicationRequest",
     "Procedure",
     "Immunization",
+    # Read in the PHI zone by the gate's record filter (research opt-outs); no table of it
+    # crosses the gate, and its staged files go with the export's last de-identified type.
+    "Consent",
 )
+CONSENT = "Consent"
 GROUP = "phi_extract"
 MANIFEST_CHECK = "manifest_counts_match"
 EMBEDDED_SOURCE_PREFIX = "embedded+"
@@ -248,6 +255,8 @@ def fhir_export(
         shutil.rmtree(target)
     incoming.rename(target)
     _remember_identifying_values(settings, target, result)
+    if CONSENT in selected:
+        _update_consent_ledger(settings, target, result)
 
     for resource_type in selected:
         files = [path.name for path in result.files.get(resource_type, [])]
@@ -313,6 +322,20 @@ def _not_yet_deidentified(
         if not all(lake.is_published(table, export.export_id) for table in consumers):
             pending[export.export_id] = export.since
     return pending
+
+
+def _update_consent_ledger(settings: StarvitSettings, folder: Path, result: ExportResult) -> None:
+    """Keep every Consent across exports: an incremental one carries only the changed ones,
+    and the gate's research opt-outs need them all (lake/consent.py)."""
+    try:
+        update_consent_ledger(
+            consent_ledger_path(settings),
+            [folder / path.name for path in result.files.get(CONSENT, [])],
+            iter_deleted_references([folder / path.name for path in result.deleted_files]),
+            full=result.since is None,
+        )
+    except ConsentError as error:
+        raise dg.Failure(description=f"fhir/{CONSENT}: {error}", allow_retries=False) from None
 
 
 def _remember_identifying_values(

@@ -12,6 +12,12 @@ Data-quality faults are planted on purpose at ``fault_rate`` (see ``FAULT_KINDS`
 a second per-patient generator so that the clean data does not change with the rate; every
 fault is listed in ``truth.json`` next to the NDJSON. Body height, weight and BMI observations
 only ever get exact duplicates: downstream BMI must stay hand-checkable from the source.
+
+Research Consent resources (``Consent.ndjson``) come from a third per-patient generator, so
+adding them changed no other resource: most patients permit research use, a few deny it, and
+a few have a deny that no longer holds (expired, superseded by a later permit, or withdrawn),
+the edge cases of the gate's consent rule (starvit_assets/lake/consent.py). Every patient's
+case is listed in ``consents.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ RESOURCE_TYPES = (
     "Procedure",
     "Immunization",
     "AllergyIntolerance",
+    "Consent",
 )
 FAULT_KINDS = (
     "unknown_code",
@@ -48,6 +55,21 @@ FAULT_KINDS = (
 TRUTH_FILE = "truth.json"
 # The true person of every Patient record (``persons.json``): what record linkage must find.
 PERSONS_FILE = "persons.json"
+# Every patient's research consent case (``consents.json``): what the gate's filter must do.
+CONSENTS_FILE = "consents.json"
+# (case, weight): only "deny" opts the patient out on the export date; "none" has no Consent.
+CONSENT_CASES = (
+    ("permit", 78),
+    ("deny", 8),
+    ("expired_deny", 4),
+    ("superseded_deny", 4),
+    ("withdrawn_deny", 2),
+    ("none", 4),
+)
+OPTED_OUT_CASE = "deny"
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+CONSENT_CATEGORY = "http://loinc.org"
+CONSENT_POLICY = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 DEFAULT_SOURCE = "A"
 # Ways a second, unlinked record of the same person differs from the first (see _vary).
 VARIATIONS = (
@@ -464,6 +486,51 @@ def _patient(rng: random.Random, index: int) -> tuple[dict[str, Any], str, float
     if age >= 90 and rng.random() < 0.3:
         patient["deceasedBoolean"] = True
     return patient, f"{given} {family}", float(age)
+
+
+def _consent(
+    rng: random.Random, patient_id: str, kind: str, signed: dt.date, **provision: Any
+) -> dict[str, Any]:
+    """A research-scope Consent of ``patient_id``; ``provision`` adds to the base provision."""
+    return {
+        "resourceType": "Consent",
+        "id": _id(rng),
+        "meta": _meta(rng),
+        "status": provision.pop("status", "active"),
+        "scope": _concept(CONSENT_SCOPE, "research", "Research"),
+        "category": [
+            _concept(CONSENT_CATEGORY, "57016-8", "Privacy policy acknowledgment Document")
+        ],
+        "patient": _reference("Patient", patient_id),
+        "dateTime": signed.isoformat(),
+        "policyRule": _status(CONSENT_POLICY, "OPTOUT" if kind == "deny" else "OPTIN"),
+        "provision": {"type": kind, **provision},
+    }
+
+
+def _consents(rng: random.Random, patient_id: str) -> tuple[str, list[dict[str, Any]]]:
+    """A patient's consent case and its Consent resources, all signed before the export."""
+    cases, weights = zip(*CONSENT_CASES, strict=True)
+    case = rng.choices(cases, weights)[0]
+    signed = EXPORT_EPOCH.date() - dt.timedelta(days=rng.randint(400, 3000))
+    later = signed + dt.timedelta(days=rng.randint(30, 360))
+    if case == "permit":
+        consents = [_consent(rng, patient_id, "permit", signed)]
+    elif case == "deny":
+        consents = [_consent(rng, patient_id, "deny", signed, period={"start": str(signed)})]
+    elif case == "expired_deny":
+        period = {"start": signed.isoformat(), "end": later.isoformat()}
+        consents = [_consent(rng, patient_id, "deny", signed, period=period)]
+    elif case == "superseded_deny":
+        consents = [
+            _consent(rng, patient_id, "deny", signed),
+            _consent(rng, patient_id, "permit", later),
+        ]
+    elif case == "withdrawn_deny":
+        consents = [_consent(rng, patient_id, "deny", signed, status="inactive")]
+    else:
+        consents = []
+    return case, consents
 
 
 class _Observations:
@@ -926,6 +993,8 @@ class _Writer:
         self.spilled = dict.fromkeys(FAULT_KINDS, 0)
         self.persons = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
         self.persons_written = 0
+        self.consents = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
+        self.consents_written = 0
         self.encode = _ENCODE
         self.weights: dict[tuple[str, ...], list[int]] = {
             kinds: [_FAULT_WEIGHTS[kind] for kind in kinds]
@@ -963,13 +1032,16 @@ class _Writer:
         self.persons.write(self.encode({"person": person, "records": records}) + "\n")
         self.persons_written += 1
 
+    def consent_case(self, patient: str, case: str, consents: list[dict[str, Any]]) -> None:
+        entry = {"patient": patient, "case": case, "consents": [c["id"] for c in consents]}
+        self.consents.write(self.encode(entry) + "\n")
+        self.consents_written += 1
+
     def write_persons(self, path: Path, source: str, seed: int) -> None:
-        with path.open("w", encoding="utf-8", newline="\n") as out:
-            out.write(f'{{"source": {json.dumps(source)}, "seed": {seed}, "persons": [')
-            self.persons.seek(0)
-            for number, line in enumerate(self.persons):
-                out.write(("," if number else "") + "\n  " + line.rstrip("\n"))
-            out.write("\n]}\n" if self.persons_written else "]}\n")
+        _write_listing(path, source, seed, "persons", self.persons, self.persons_written)
+
+    def write_consents(self, path: Path, source: str, seed: int) -> None:
+        _write_listing(path, source, seed, "patients", self.consents, self.consents_written)
 
     def write_truth(self, path: Path) -> None:
         with path.open("w", encoding="utf-8", newline="\n") as truth:
@@ -982,6 +1054,18 @@ class _Writer:
                     truth.write(("," if number else "") + "\n  " + line.rstrip("\n"))
                 truth.write("\n]" if self.spilled[kind] else "]")
             truth.write("\n}\n")
+
+
+def _write_listing(
+    path: Path, source: str, seed: int, key: str, spill: IO[str], written: int
+) -> None:
+    """``{"source", "seed", key: [...]}`` from a spill file of one JSON entry a line."""
+    with path.open("w", encoding="utf-8", newline="\n") as out:
+        out.write(f'{{"source": {json.dumps(source)}, "seed": {seed}, {json.dumps(key)}: [')
+        spill.seek(0)
+        for number, line in enumerate(spill):
+            out.write(("," if number else "") + "\n  " + line.rstrip("\n"))
+        out.write("\n]}\n" if written else "]}\n")
 
 
 def generate(
@@ -1050,10 +1134,17 @@ def generate(
             writer.person(person, records)
             for resource_type, resource, kinds in _patient_resources(rng, patient, full_name, age):
                 writer.write(resource_type, resource, kinds, faults)
+            consent_rng = random.Random(f"{prefix}/consent")
+            case, consents = _consents(consent_rng, patient["id"])
+            for consent in consents:
+                # Never faulted, and drawing from its own stream: every planted fault stays.
+                writer.write("Consent", consent, _NONE, consent_rng)
+            writer.consent_case(patient["id"], case, consents)
         for handle in writer.handles.values():
             handle.flush()
         writer.write_truth(out_dir / TRUTH_FILE)
         writer.write_persons(out_dir / PERSONS_FILE, source, seed)
+        writer.write_consents(out_dir / CONSENTS_FILE, source, seed)
     return writer.counts
 
 
@@ -1061,6 +1152,16 @@ def _record(
     source: str, patient: dict[str, Any], kind: str, variations: list[str]
 ) -> dict[str, Any]:
     return {"source": source, "id": patient["id"], "kind": kind, "variations": variations}
+
+
+def load_consent_cases(*folders: Path) -> dict[str, str]:
+    """Patient id -> consent case (``CONSENT_CASES``), over the ``consents.json`` of one or
+    more generated sources."""
+    cases: dict[str, str] = {}
+    for folder in folders:
+        truth = json.loads((folder / CONSENTS_FILE).read_text())
+        cases.update((entry["patient"], entry["case"]) for entry in truth["patients"])
+    return cases
 
 
 def load_person_clusters(*folders: Path) -> dict[str, set[tuple[str, str]]]:

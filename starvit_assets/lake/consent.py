@@ -15,12 +15,17 @@ Consent resource (http://hl7.org/fhir/R4/consent.html):
 A patient whose deciding directive is ``deny`` is opted out: every record of that patient is
 held back, whatever nested provisions might permit (the whole record, not parts of it: held
 back is the safe side of a partial opt-out).
+
+An incremental export (``_since``) carries only the Consents changed since the last one, so the
+export step keeps a PHI-zone ledger of the latest version of every Consent across exports
+(``update_consent_ledger``); the gate reads the ledger and the export's own staged Consents.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +70,42 @@ def research_opt_outs(resources: Iterable[Mapping[str, Any]], on: dt.date) -> Re
 
 
 def read_research_opt_outs(files: Sequence[Path], on: dt.date) -> ResearchOptOuts:
-    """``research_opt_outs`` of staged Consent NDJSON files (no files: nobody opted out)."""
-    return research_opt_outs(_resources(files), on)
+    """``research_opt_outs`` of Consent NDJSON files (no files: nobody opted out); a Consent
+    id in several files counts once, in its version from the last of them."""
+    return research_opt_outs(_latest_versions(files).values(), on)
+
+
+def update_consent_ledger(
+    ledger: Path, staged: Sequence[Path], deleted: Iterable[str], *, full: bool
+) -> int:
+    """Merge an export's staged Consents into ``ledger`` (the latest version of each Consent
+    id; ``full``: the export holds every Consent, so the ledger starts again from it) and drop
+    the ``Consent/<id>`` references of its deleted[] lists. Written to a temporary file and
+    renamed: a crash leaves the previous ledger. Returns the Consents the ledger holds."""
+    previous = [ledger] if ledger.is_file() and not full else []
+    latest = _latest_versions([*previous, *staged])
+    for reference in deleted:
+        resource_type, _, resource_id = reference.partition("/")
+        if resource_type == "Consent":
+            latest.pop(resource_id, None)
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    temporary = ledger.with_name(ledger.name + ".tmp")
+    with temporary.open("w", encoding="utf-8", newline="\n") as out:
+        for resource in latest.values():
+            out.write(json.dumps(resource, separators=(",", ":")) + "\n")
+    os.replace(temporary, ledger)
+    return len(latest)
+
+
+def _latest_versions(files: Sequence[Path]) -> dict[str, Mapping[str, Any]]:
+    latest: dict[str, Mapping[str, Any]] = {}
+    for position, resource in enumerate(_resources(files)):
+        resource_id = resource.get("id")
+        # A Consent without an id cannot be superseded by id: it stands on its own.
+        key = resource_id if isinstance(resource_id, str) and resource_id else f"#{position}"
+        latest.pop(key, None)  # re-inserted last: the ledger keeps export order
+        latest[key] = resource
+    return latest
 
 
 def _resources(files: Sequence[Path]) -> Iterable[Mapping[str, Any]]:

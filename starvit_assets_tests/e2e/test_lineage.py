@@ -56,6 +56,20 @@ def all_patients(lineage: Lineage) -> int:
     return len(_resources(lineage.source, "Patient"))
 
 
+# The demo data gives some patients a research opt-out (docs/synthetic-data.md): the gate holds
+# back all their records, so downstream counts are of the patients it lets through.
+def opted_out(lineage: Lineage) -> set[str]:
+    from starvit_assets.fhir.synth import OPTED_OUT_CASE, load_consent_cases
+
+    cases = load_consent_cases(lineage.source)
+    return {patient for patient, case in cases.items() if case == OPTED_OUT_CASE}
+
+
+def published_patients(lineage: Lineage) -> int:
+    held_back = opted_out(lineage)
+    return sum(1 for p in _resources(lineage.source, "Patient") if p["id"] not in held_back)
+
+
 def plant_canaries(source: Path) -> None:
     c = CANARIES
     identifier = [
@@ -238,6 +252,7 @@ def _identifying_values(source: Path) -> set[str]:
         "MedicationRequest",
         "Procedure",
         "Immunization",
+        "Consent",
     ):
         values.update(r["id"] for r in _resources(source, resource_type))
     values.update(CANARIES.values())
@@ -371,6 +386,73 @@ def test_gate_counts_reconcile_for_every_table(lineage: Lineage) -> None:
         )
 
 
+def test_research_opt_outs_are_held_back_and_lapsed_ones_are_not(lineage: Lineage) -> None:
+    """Every record of a patient whose research Consent denies is held back (consents.json
+    has the truth); a deny that expired, was superseded by a later permit or was withdrawn
+    holds nothing back. The gate's metadata counts them, and its counts still reconcile."""
+    from starvit_assets.deid.engine import pseudonym
+    from starvit_assets.fhir.synth import OPTED_OUT_CASE, load_consent_cases
+    from starvit_assets.lake.gate import GateCounts
+    from starvit_assets.settings import load_settings
+
+    cases = load_consent_cases(lineage.source)
+    denied = {patient for patient, case in cases.items() if case == OPTED_OUT_CASE}
+    lapsed = {
+        patient
+        for patient, case in cases.items()
+        if case in {"expired_deny", "superseded_deny", "withdrawn_deny"}
+    }
+    assert denied and lapsed, "the demo data exercises no consent case"
+    tokens = {patient: pseudonym(lineage.key, "Patient", patient) for patient in cases}
+    settings = load_settings()
+    found: dict[str, set[str]] = {}
+    with psycopg.connect(lineage.warehouse_dsn) as connection:
+        for schema in (settings.raw_schema, settings.schema_name("refined")):
+            tables = connection.execute(
+                "select table_name from information_schema.columns "
+                "where table_schema = %s and column_name = 'patient_id'",
+                (schema,),
+            ).fetchall()
+            assert len(tables) >= 5, schema
+            for (table,) in tables:
+                rows = connection.execute(
+                    sql.SQL("select distinct patient_id from {}").format(
+                        sql.Identifier(schema, table)
+                    )
+                ).fetchall()
+                found[f"{schema}.{table}"] = {row[0] for row in rows}
+    for table, patients in found.items():
+        assert not patients & {tokens[p] for p in denied}, table
+    everywhere = set().union(*found.values())
+    assert {tokens[p] for p in lapsed} <= everywhere
+    assert {tokens[p] for p in lapsed} <= found[f"{settings.raw_schema}.patient"]
+
+    # The lake's Parquet holds none of the opted-out patients either (their records were
+    # filtered before any row was written, so no quarantine holds them).
+    lake = lineage.home / "lake"
+    for path in lake.rglob("*.parquet"):
+        text = json.dumps(pq.read_table(path).to_pylist(), default=str)
+        assert not any(tokens[p] in text for p in denied), path
+
+    with dg.DagsterInstance.get() as instance:
+        for table in ("patient", "encounter", "observation"):
+            event = instance.get_latest_materialization_event(dg.AssetKey(["deid_raw", table]))
+            assert event is not None and event.asset_materialization is not None
+            metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+            assert metadata["consent_resources_read"] == len(_resources(lineage.source, "Consent"))
+            assert metadata["research_opt_out_patients"] == len(denied)
+            assert metadata["held_back_by_reason"]["consent: research opt-out"] > 0, table
+    for folder in {path.parent for path in (lake / "deid_raw").rglob("*.parquet")}:
+        if folder.parent.name == "deleted_resource":
+            continue
+        counts = GateCounts.load(folder)
+        assert counts.reconciles, folder
+        assert (
+            counts.rows_flattened
+            == counts.rows_published + counts.rows_quarantined + counts.rows_held_back
+        )
+
+
 def test_pseudonymised_patient_ids_join_across_tables(lineage: Lineage) -> None:
     from starvit_assets.settings import load_settings
 
@@ -387,7 +469,7 @@ def test_pseudonymised_patient_ids_join_across_tables(lineage: Lineage) -> None:
             )
         ).fetchone()
     assert orphans == (0,)
-    assert patients == (all_patients(lineage),)
+    assert patients == (published_patients(lineage),)
 
 
 def test_graph_vertices_reconcile_with_the_feature_table(lineage: Lineage) -> None:
@@ -422,7 +504,7 @@ def test_graph_vertices_reconcile_with_the_feature_table(lineage: Lineage) -> No
     files = count_csv_rows(lineage.home / "graph" / "load")
     on_disk = {vertex.name: files[vertex.name] for vertex in VERTEX_TYPES} | per_type(files)
 
-    assert expected["Patient"] == all_patients(lineage)
+    assert expected["Patient"] == published_patients(lineage)
     assert on_disk == expected
     assert all(expected.values()), expected
     # Observations hang off their encounters; the planted one names none, so its patient.
@@ -470,8 +552,13 @@ def test_duplicate_patient_records_resolve_to_persons(lineage: Lineage) -> None:
     from starvit_assets.settings import load_settings
 
     truth = load_person_clusters(lineage.source)
-    true_persons = len(truth) + 1  # the canary is a person of its own
-    assert true_persons < all_patients(lineage), "the demo data plants no duplicates"
+    held_back = opted_out(lineage)
+    # The canary is a person of its own; an opted-out record is not linked (it never crosses
+    # the gate), but an unlinked duplicate record of the same person still does.
+    true_persons = 1 + sum(
+        1 for records in truth.values() if any(r[1] not in held_back for r in records)
+    )
+    assert true_persons < published_patients(lineage), "the demo data plants no duplicates"
     derived = load_settings().schema_name("derived")
     with psycopg.connect(lineage.warehouse_dsn) as connection:
         mapped, persons = connection.execute(
@@ -484,10 +571,10 @@ def test_duplicate_patient_records_resolve_to_persons(lineage: Lineage) -> None:
                 sql.Identifier(derived, "person")
             )
         ).fetchone()
-    assert mapped == all_patients(lineage)
+    assert mapped == published_patients(lineage)
     assert person_rows == (persons, mapped)
     # No false merge (precision): at least the true persons; duplicates found: fewer records.
-    assert true_persons <= persons < all_patients(lineage)
+    assert true_persons <= persons < published_patients(lineage)
     # The linkage rates are in the materialization metadata of the asset that computes them.
     import dagster as dg
 
@@ -525,7 +612,10 @@ def test_bmi_of_a_patient_measured_in_inches_and_pounds_is_hand_computed(lineage
     for observation in _resources(lineage.source, "Observation"):
         by_patient[observation["subject"]["reference"].removeprefix("Patient/")].append(observation)
     imperial = {}
+    held_back = opted_out(lineage)
     for patient_id, observations in by_patient.items():
+        if patient_id in held_back:
+            continue
         height, weight = _latest(observations, "8302-2"), _latest(observations, "29463-7")
         if (
             height
@@ -695,6 +785,7 @@ def test_a_changed_weight_recomputes_only_that_patients_bmi(lineage: Lineage) ->
         for o in observations
         if o["code"]["coding"][0]["code"] == "29463-7"
         and o["subject"]["reference"] != f"Patient/{CANARIES['patient_id']}"
+        and o["subject"]["reference"].removeprefix("Patient/") not in opted_out(lineage)
     )
     patient_id = weighed["subject"]["reference"].removeprefix("Patient/")
     newer = {
@@ -750,7 +841,12 @@ def test_a_resource_deleted_in_an_incremental_export_leaves_its_refined_table(
     from starvit_assets.fhir.server import BulkDataServer
     from starvit_assets.settings import load_settings
 
-    procedure = _resources(lineage.source, "Procedure")[0]
+    held_back = opted_out(lineage)
+    procedure = next(
+        p
+        for p in _resources(lineage.source, "Procedure")
+        if p["subject"]["reference"].removeprefix("Patient/") not in held_back
+    )
     token = pseudonym(lineage.key, "Procedure", procedure["id"])
     before = _refined_ids(lineage.warehouse_dsn, "procedure")
     assert token in before

@@ -1,5 +1,6 @@
 """The deid_raw assets in Dagster hold back every record of a patient who opted out of research
-in a Consent staged with the export, and spread a table over the gate's workers."""
+in a Consent staged with the export or kept from an earlier one (the consent ledger), and
+spread a table over the gate's workers."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def test_an_opted_out_patient_never_crosses_the_gate(
     from starvit_assets.demo import ensure_source_data, materialize_all
     from starvit_assets.exports import latest_staged_export, staging_dir
     from starvit_assets.fhir.server import BulkDataServer
+    from starvit_assets.fhir.synth import OPTED_OUT_CASE, load_consent_cases
     from starvit_assets.lake.filters import RESEARCH_OPT_OUT
     from starvit_assets.lake.partitions import PART_FILE, RawLake
     from starvit_assets.settings import load_settings
@@ -47,11 +49,17 @@ def test_an_opted_out_patient_never_crosses_the_gate(
             load_settings(), asset_keys=[fhir_asset_key(name) for name in RESOURCE_TYPES]
         )
     assert extracted.success, extracted.failed_steps
-    opted_out = _lines(source / "Patient.ndjson")[0]["id"]
+    # The synthetic data opts some patients out already (its Consents were exported, and kept
+    # in the consent ledger); a patient who permitted research now opts out, in a Consent
+    # staged with the export only (dated after every synthetic one, so it decides).
+    cases = load_consent_cases(source)
+    opted_out = next(patient for patient, case in cases.items() if case == "permit")
+    denied = {patient for patient, case in cases.items() if case == OPTED_OUT_CASE}
+    denied.add(opted_out)
     observations = [
         resource
         for resource in _lines(source / "Observation.ndjson")
-        if resource["subject"]["reference"] == f"Patient/{opted_out}"
+        if resource["subject"]["reference"].removeprefix("Patient/") in denied
     ]
     export = latest_staged_export(settings, "Observation")
     folder = staging_dir(settings, export.export_id)
@@ -70,11 +78,13 @@ def test_an_opted_out_patient_never_crosses_the_gate(
             ).asset_materialization.metadata  # type: ignore[union-attr]
             for table in ("patient", "observation")
         }
-    assert metadata["patient"]["held_back_by_reason"].value == {RESEARCH_OPT_OUT: 1}
+    assert metadata["patient"]["held_back_by_reason"].value == {RESEARCH_OPT_OUT: len(denied)}
     held = metadata["observation"]["held_back_by_reason"].value
     assert held.get(RESEARCH_OPT_OUT) == len(observations) > 0
-    assert metadata["observation"]["research_opt_out_patients"].value == 1
-    assert metadata["observation"]["consent_resources_read"].value == 2
+    assert metadata["observation"]["research_opt_out_patients"].value == len(denied)
+    assert metadata["observation"]["consent_resources_read"].value == 2 + len(
+        _lines(source / "Consent.ndjson")
+    )
     assert metadata["observation"]["resources_read"].value == len(
         _lines(source / "Observation.ndjson")
     )

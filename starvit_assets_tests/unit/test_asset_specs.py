@@ -240,7 +240,14 @@ def test_the_lineage_is_one_connected_graph_from_fhir_to_the_graph_load() -> Non
             continue
         seen.add(key)
         frontier |= set(graph.get(key).parent_keys)
-    for resource_type in ("Patient", "Encounter", "Observation", "Condition", "MedicationRequest"):
+    for resource_type in (
+        "Patient",
+        "Encounter",
+        "Observation",
+        "Condition",
+        "MedicationRequest",
+        "Consent",
+    ):
         assert dg.AssetKey(["fhir", resource_type]) in seen
     assert {key.path[0] for key in seen} >= {
         "fhir",
@@ -255,3 +262,14 @@ def test_the_lineage_is_one_connected_graph_from_fhir_to_the_graph_load() -> Non
 def test_only_the_extract_zone_is_tagged_phi() -> None:
     for key, spec in _all_specs().items():
         assert (spec.tags["starvit/zone"] == "phi") == key.startswith("fhir/"), key
+
+
+def test_every_gated_table_reads_the_consents_of_its_export_and_none_is_made_of_them() -> None:
+    graph = defs.resolve_asset_graph()
+    consent = dg.AssetKey(["fhir", "Consent"])
+    gated = [key for key in graph.materializable_asset_keys if key.path[0] == "deid_raw"]
+    assert gated
+    for key in gated:
+        assert consent in graph.get(key).parent_keys, key.to_user_string()
+    # PHI-zone only: nothing but the gate (and its deletions) reads the Consent export.
+    assert {key.path[0] for key in graph.get(consent).child_keys} == {"deid_raw"}

@@ -14,6 +14,7 @@ from starvit_assets.lake.consent import (
     ConsentError,
     read_research_opt_outs,
     research_opt_outs,
+    update_consent_ledger,
 )
 from starvit_assets.lake.filters import RESEARCH_OPT_OUT, load_filters
 from starvit_assets.lake.gate import build_gate
@@ -176,3 +177,38 @@ def test_staged_consent_files_go_with_the_exports_last_resource_file(
     ]
     _purge_staged(settings, staged("Observation"))
     assert not folder.exists()
+
+
+def _ndjson(path: Path, *resources: dict[str, Any]) -> Path:
+    path.write_bytes(b"".join(encode(resource) + b"\n" for resource in resources))
+    return path
+
+
+def test_the_ledger_keeps_every_consent_across_incremental_exports(tmp_path: Path) -> None:
+    ledger = tmp_path / "phi" / "consent" / "Consent.ndjson"
+    first = _ndjson(tmp_path / "first.ndjson", consent("p1"), consent("p2"), consent("p3"))
+    assert update_consent_ledger(ledger, [first], [], full=True) == 3
+    # An incremental export: p2's Consent withdrawn (a new version, same id), p3's deleted.
+    withdrawn = consent("p2") | {"status": "inactive"}
+    changed = _ndjson(tmp_path / "changed.ndjson", withdrawn, consent("p4", "permit"))
+    deleted = ["Consent/c-p3-deny", "Patient/p3"]
+    assert update_consent_ledger(ledger, [changed], deleted, full=False) == 3
+    assert read_research_opt_outs([ledger], EXPORT_DATE).patients == {"p1"}
+    # The same Consents staged again beside the ledger count once, the staged version last.
+    result = read_research_opt_outs([ledger, changed], EXPORT_DATE)
+    assert (result.patients, result.consents_read) == ({"p1"}, 3)
+    # A full export starts the ledger again from what it holds.
+    assert update_consent_ledger(ledger, [changed], [], full=True) == 2
+    assert read_research_opt_outs([ledger], EXPORT_DATE).patients == frozenset()
+    assert not list(ledger.parent.glob("*.tmp"))
+
+
+def test_an_unreadable_consent_leaves_the_ledger_as_it_was(tmp_path: Path) -> None:
+    ledger = tmp_path / "Consent.ndjson"
+    update_consent_ledger(ledger, [_ndjson(tmp_path / "a.ndjson", consent("p1"))], [], full=True)
+    before = ledger.read_bytes()
+    broken = tmp_path / "b.ndjson"
+    broken.write_bytes(b'{"resourceType": "Patient", "id": "x"}\n')
+    with pytest.raises(ConsentError, match=r"b\.ndjson line 1: not a Consent resource"):
+        update_consent_ledger(ledger, [broken], [], full=False)
+    assert ledger.read_bytes() == before

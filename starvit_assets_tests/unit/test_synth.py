@@ -407,3 +407,32 @@ def test_memory_does_not_grow_with_the_number_of_patients(tmp_path: Path) -> Non
     # Ten times the patients (~100,000 resources) may not cost more than a few MiB: anything
     # kept per resource would cost far more.
     assert peak_kib[1000] - peak_kib[100] < 4 * 1024, peak_kib
+
+
+def test_consent_cases_are_what_the_gate_rule_decides(tmp_path: Path) -> None:
+    from starvit_assets.lake.consent import read_research_opt_outs
+
+    counts = generate(tmp_path, patients=200, seed=4, fault_rate=0.1)
+    cases = synth.load_consent_cases(tmp_path)
+    patients = {p["id"] for p in _load(tmp_path)["Patient"]}
+    consents = _load(tmp_path)["Consent"]
+    assert set(cases) <= patients and len(cases) == 200
+    assert set(Counter(cases.values())) == {case for case, _ in synth.CONSENT_CASES}
+    assert counts["Consent"] == len(consents)
+    listed = json.loads((tmp_path / synth.CONSENTS_FILE).read_text())
+    by_patient = {entry["patient"]: entry["consents"] for entry in listed["patients"]}
+    assert sorted(i for ids in by_patient.values() for i in ids) == sorted(
+        c["id"] for c in consents
+    )
+    for consent in consents:
+        patient = consent["patient"]["reference"].removeprefix("Patient/")
+        assert consent["id"] in by_patient[patient]
+    assert all(not by_patient[p] for p, case in cases.items() if case == "none")
+    denied = {p for p, case in cases.items() if case == synth.OPTED_OUT_CASE}
+    # On the export date and any later day: an expired deny stays expired.
+    for day in (synth.EXPORT_EPOCH.date(), dt.date(2030, 6, 1)):
+        opt_outs = read_research_opt_outs([tmp_path / "Consent.ndjson"], day)
+        assert opt_outs.patients == denied
+        assert opt_outs.consents_read == len(consents)
+    # No fault is ever planted in a Consent.
+    assert "Consent" not in {e["resource_type"] for kind in _truth(tmp_path).values() for e in kind}
