@@ -240,7 +240,7 @@ def run_stage(stage: str, work: Callable[[], int]) -> StageResult:
 
 def run_bench(*, patients: int, out: Path, seed: int) -> int:
     from starvit_assets import platform
-    from starvit_assets.settings import REPO_ROOT, dbt_executable, load_settings
+    from starvit_assets.settings import REPO_ROOT, load_settings
 
     home = Path(os.environ.get("STARVIT_BENCH_HOME", REPO_ROOT / ".starvit" / "bench")).resolve()
     os.environ["STARVIT_HOME"] = str(home)
@@ -293,64 +293,36 @@ def run_bench(*, patients: int, out: Path, seed: int) -> int:
             )
         return total
 
-    def load() -> int:
+    def lineage() -> int:
+        # The whole platform as Dagster runs it (export, gate, load, linkage, terminology, dbt
+        # build with its tests, graph), over a clean lake so the gate stage's partitions above
+        # are not loaded twice, and a clean warehouse so an earlier bench's rows are not kept.
         import psycopg
+        from psycopg import sql
 
-        from starvit_assets.lake.partitions import RawLake
-        from starvit_assets.views.runner import shipped_views
-        from starvit_assets.warehouse.loader import load_partition
+        from starvit_assets.demo import materialize_all
 
-        lake = RawLake(settings.lake_root)
-        rows = 0
-        with psycopg.connect(endpoints.warehouse_dsn) as connection:
-            for name in shipped_views():
-                for export_id, path in lake.partitions(name):
-                    rows += load_partition(
-                        connection, settings.raw_schema, name, export_id, path
-                    ).rows
-        return rows
-
-    def dbt_build() -> int:
-        import subprocess
-
-        environment = {**os.environ, **platform.dbt_environment(settings, endpoints.warehouse_dsn)}
-        subprocess.run(
-            [
-                dbt_executable(),
-                "build",
-                "--quiet",
-                "--full-refresh",
-                "--project-dir",
-                "dbt_project",
-                "--profiles-dir",
-                "dbt_project",
-            ],
-            cwd=REPO_ROOT,
-            env=environment,
-            check=True,
-        )
+        shutil.rmtree(settings.lake_root, ignore_errors=True)
+        layers = ("raw", "staging", "refined", "derived", "reference", "snapshots")
+        with psycopg.connect(endpoints.warehouse_dsn, autocommit=True) as connection:
+            for layer in layers:
+                connection.execute(
+                    sql.SQL("drop schema if exists {} cascade").format(
+                        sql.Identifier(settings.schema_name(layer))
+                    )
+                )
+        log = settings.home / "logs" / "bench-lineage.log"
+        summary = materialize_all(settings, log_path=log)
+        if not summary.success:
+            raise RuntimeError(f"the full lineage failed in {summary.failed_steps}; see {log}")
         return total
-
-    def graph() -> int:
-        import psycopg
-
-        from starvit_assets.graph.files import write_loading_files
-        from starvit_assets.graph.source import read_graph_data
-
-        with psycopg.connect(endpoints.warehouse_dsn) as connection:
-            data = read_graph_data(
-                connection, settings.schema_name("refined"), settings.schema_name("derived")
-            )
-        return sum(write_loading_files(data, settings.graph_dir / "load").values())
 
     flatten = run_stage("flatten+deidentify", flatten_deidentify)
     duck = run_stage("duckdb ndjson->parquet", duckdb_read)
     results += [
         flatten,
         duck,
-        run_stage("load (COPY)", load),
-        run_stage("dbt build", dbt_build),
-        run_stage("graph files", graph),
+        run_stage("full lineage (Dagster)", lineage),
     ]
 
     ratio = round(flatten.seconds / duck.seconds, 2) if duck.seconds else None
