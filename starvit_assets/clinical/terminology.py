@@ -23,6 +23,7 @@ CODE_SYSTEMS: tuple[CodeSystem, ...] = (
     CodeSystem("http://snomed.info/sct", "snomed"),
     CodeSystem("http://hl7.org/fhir/sid/icd-10-cm", "icd10cm"),
     CodeSystem("http://www.nlm.nih.gov/research/umls/rxnorm", "rxnorm"),
+    CodeSystem("http://hl7.org/fhir/sid/cvx", "cvx"),
     CodeSystem("http://unitsofmeasure.org", "ucum"),
 )
 

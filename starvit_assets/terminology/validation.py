@@ -18,6 +18,7 @@ SNOMED = _URI["snomed"]
 ICD10CM = _URI["icd10cm"]
 RXNORM = _URI["rxnorm"]
 LOINC = _URI["loinc"]
+CVX = _URI["cvx"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ CODE_COLUMNS: tuple[CodeColumn, ...] = (
     CodeColumn("condition", "icd10_code", system=ICD10CM),
     CodeColumn("medication_request", "rxnorm_code", system=RXNORM),
     CodeColumn("encounter", "type_code", system_column="type_system"),
+    CodeColumn("procedure", "snomed_code", system=SNOMED),
+    CodeColumn("immunization", "cvx_code", system=CVX),
 )
 
 # Source system -> the system its codes are translated to ($translate targetsystem).

@@ -654,7 +654,13 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
     from starvit_assets.settings import load_settings
 
     refined = load_settings().schema_name("refined")
-    tables = {"condition": None, "observation": None, "medication_request": None}
+    tables: dict[str, set[str] | None] = {
+        "condition": None,
+        "observation": None,
+        "medication_request": None,
+        "procedure": None,
+        "immunization": None,
+    }
     with psycopg.connect(lineage.warehouse_dsn) as connection:
         for table in tables:
             tables[table] = {
@@ -694,6 +700,14 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
             "select count(*), count(*) filter (where code_is_valid) "
             "from {schema}.medication_request where rxnorm_code is not null"
         )
+        procedures = rows(
+            "select count(*), count(*) filter (where snomed_code_is_valid) "
+            "from {schema}.procedure where snomed_code is not null"
+        )
+        immunizations = rows(
+            "select count(*), count(*) filter (where cvx_code_is_valid) "
+            "from {schema}.immunization where cvx_code is not null"
+        )
     assert {"snomed_code_is_valid", "icd10_code_is_valid", "mapped_system", "mapped_code"} <= (
         tables["condition"] or set()
     )
@@ -701,6 +715,8 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
         tables["observation"] or set()
     )
     assert {"code_is_valid", "mapped_code"} <= (tables["medication_request"] or set())
+    assert "snomed_code_is_valid" in (tables["procedure"] or set())
+    assert "cvx_code_is_valid" in (tables["immunization"] or set())
     by_id = {row[0]: row[1:] for row in found}
     unknown_code, unknown_system = (
         pseudonym(lineage.key, "Observation", observation_id)
@@ -724,6 +740,9 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
     # generator paired it with; every medication is a valid RxNorm code.
     assert conditions[0][0] > 0 and conditions[0][0] == conditions[0][1]
     assert medications[0][0] > 0 and medications[0][0] == medications[0][1]
+    # Every synthetic procedure is a valid SNOMED CT code, every vaccine a valid CVX code.
+    assert procedures[0][0] > 0 and procedures[0][0] == procedures[0][1]
+    assert immunizations[0][0] > 0 and immunizations[0][0] == immunizations[0][1]
 
 
 # The two tests below change the warehouse: they stay last in this file.

@@ -46,6 +46,11 @@ def raw_tables(warehouse_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         )
         connection.execute(f"create table {SCHEMA}.medication_request (rxnorm_code text)")
         connection.execute(f"insert into {SCHEMA}.medication_request values ('197361'), ('1')")
+        # A SNOMED CT code the conditions use too: one validation row for both tables.
+        connection.execute(f"create table {SCHEMA}.procedure (snomed_code text)")
+        connection.execute(f"insert into {SCHEMA}.procedure values ('73761001'), ('38341003')")
+        connection.execute(f"create table {SCHEMA}.immunization (cvx_code text)")
+        connection.execute(f"insert into {SCHEMA}.immunization values ('208'), ('999'), (null)")
         # encounter is not loaded: the asset skips it and says so.
     yield warehouse_dsn
     with psycopg.connect(warehouse_dsn) as connection:
@@ -73,13 +78,21 @@ def test_the_asset_validates_maps_and_replaces_the_table(raw_tables: str) -> Non
     result = _materialize()
     assert result.success
     table = _table(raw_tables)
-    assert len(table) == 12
+    assert len(table) == 15
     assert table[(synth.LOINC, "8302-2")]["is_valid"] is True
     assert table[(synth.LOINC, "8302-2")]["occurrences"] == 40
     assert table[(synth.LOINC, "99999-9")]["is_valid"] is False
     assert table[("http://loinc.org/", "8867-4")]["system_known"] is False
     hypertension = table[(synth.SNOMED, "38341003")]
     assert (hypertension["mapped_system"], hypertension["mapped_code"]) == (synth.ICD10CM, "I10")
+    assert (hypertension["occurrences"], hypertension["source_tables"]) == (
+        2,
+        "condition,procedure",
+    )
+    assert table[(synth.SNOMED, "73761001")]["is_valid"] is True
+    assert table[(synth.CVX, "208")]["is_valid"] is True
+    assert table[(synth.CVX, "999")]["is_valid"] is False
+    assert table[(synth.CVX, "999")]["system_known"] is True
     assert table[(synth.SNOMED, "11111111")]["is_valid"] is False
     assert table[(synth.ICD10CM, "J45.909")]["is_valid"] is True
     assert table[(synth.RXNORM, "1")]["is_valid"] is False
@@ -87,18 +100,22 @@ def test_the_asset_validates_maps_and_replaces_the_table(raw_tables: str) -> Non
 
     (materialization,) = result.asset_materializations_for_node("terminology__code_validation")
     metadata = materialization.metadata
-    assert metadata["invalid_codes"].value == 4
+    assert metadata["invalid_codes"].value == 5
     assert metadata["tables_not_loaded"].value == ["encounter"]
 
-    # One planted unknown LOINC code in 81 LOINC rows (98.8 %), 1 of 90 coded rows in an
-    # unknown system; SNOMED CT and RxNorm are below 95 % in this tiny set: a warning only.
+    # One planted unknown LOINC code in 81 LOINC rows (98.8 %), 1 of 94 coded rows in an
+    # unknown system; SNOMED CT, RxNorm and CVX are below 95 % in this tiny set: a warning only.
     evaluation = _check(result)
     assert not evaluation.passed
     assert evaluation.severity == dg.AssetCheckSeverity.WARN
     by_system = evaluation.metadata["by_code_system"].value
     assert by_system[synth.LOINC]["valid_share"] == pytest.approx(80 / 81, abs=1e-6)
     assert by_system["http://loinc.org/"]["system_known"] is False
-    assert set(evaluation.metadata["below_threshold"].value) == {synth.SNOMED, synth.RXNORM}
+    assert set(evaluation.metadata["below_threshold"].value) == {
+        synth.SNOMED,
+        synth.RXNORM,
+        synth.CVX,
+    }
 
     # A re-run replaces the table with the same rows: idempotent.
     assert _materialize().success

@@ -46,6 +46,14 @@ def test_every_dbt_model_has_a_docs_link_and_a_column_schema() -> None:
         assert spec.metadata["dagster/column_schema"].columns, spec.key
 
 
+def test_every_dbt_unit_test_name_fits_a_postgres_relation_name() -> None:
+    """dbt names the unit test's temporary relation after the test; PostgreSQL refuses
+    identifiers over 63 bytes, and the error only shows when the whole build runs."""
+    unit_tests = json.loads(manifest_path().read_text())["unit_tests"].values()
+    too_long = [test["name"] for test in unit_tests if len(test["name"].encode()) > 63]
+    assert unit_tests and too_long == []
+
+
 def test_the_docs_base_url_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
     props = {"resource_type": "source", "unique_id": "source.starvit.fhir_raw.patient"}
     monkeypatch.setenv("STARVIT_DBT_DOCS_URL", "https://docs.example.org/dbt/")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from starvit_assets.clinical.terminology import CODE_SYSTEMS
 from starvit_assets.fhir import synth
 from starvit_assets.terminology.local import CONTENT_DIR, ContentError, LocalTerminology
 from starvit_assets.terminology.model import (
@@ -21,6 +22,7 @@ from starvit_assets.terminology.model import (
     validation_parameters,
 )
 from starvit_assets.terminology.validation import (
+    CODE_COLUMNS,
     CodeValidationRow,
     judge_shares,
     merge_occurrences,
@@ -57,6 +59,40 @@ def test_every_code_the_synthetic_data_uses_is_valid(local: LocalTerminology) ->
         if not v.valid
     ]
     assert invalid == []
+
+
+# The codes the generator writes into each raw column with one fixed system (CODE_COLUMNS).
+_SYNTHETIC_CODES_BY_COLUMN: dict[tuple[str, str, str], list[str]] = {
+    ("condition", "snomed_code", synth.SNOMED): [row[0] for row in synth.CONDITIONS],
+    ("condition", "icd10_code", synth.ICD10CM): [row[2] for row in synth.CONDITIONS],
+    ("medication_request", "rxnorm_code", synth.RXNORM): [code for code, _ in synth.MEDICATIONS],
+    ("procedure", "snomed_code", synth.SNOMED): [code for code, _ in synth.PROCEDURES],
+    ("immunization", "cvx_code", synth.CVX): [code for code, _ in synth.VACCINES],
+}
+
+
+def test_every_fixed_system_coded_column_has_the_generators_codes_shipped(
+    local: LocalTerminology,
+) -> None:
+    fixed = {(c.table, c.code_column, c.system) for c in CODE_COLUMNS if c.system is not None}
+    # A new coded column must say here which codes the generator writes into it.
+    assert fixed == set(_SYNTHETIC_CODES_BY_COLUMN)
+    for (table, column, system), codes in _SYNTHETIC_CODES_BY_COLUMN.items():
+        assert local.knows_system(system), (table, column)
+        answers = local.validate_codes([Coding(system, code) for code in codes])
+        invalid = [code for code, answer in zip(codes, answers, strict=True) if not answer.valid]
+        assert invalid == [], (table, column)
+
+
+def test_every_shipped_code_system_has_a_short_name_the_refined_models_join_on() -> None:
+    """The refined models reach the validation through the ``code_systems`` seed (an inner
+    join): a shipped system missing from CODE_SYSTEMS would validate but never arrive."""
+    short_names = {system.uri for system in CODE_SYSTEMS}
+    shipped = {
+        json.loads(path.read_text())["url"] for path in CONTENT_DIR.glob("CodeSystem-*.json")
+    }
+    assert shipped - short_names == set()
+    assert {c.system for c in CODE_COLUMNS if c.system is not None} <= short_names
 
 
 @pytest.mark.parametrize("code", synth.UNKNOWN_LOINC)

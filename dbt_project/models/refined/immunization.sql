@@ -36,6 +36,32 @@ final as (
 
     from latest
 
+),
+
+-- terminology: appended last so the columns above keep their place
+code_validation as (
+
+    select
+        validations.*,
+        validated_systems.code_system
+
+    from {{ ref('stg_terminology__code_validation') }} as validations
+    inner join {{ ref('code_systems') }} as validated_systems
+        on validations.code_system_uri = validated_systems.code_system_uri
+
+),
+
+validated as (
+
+    select
+        final.*,
+        code_validation.code_is_valid as cvx_code_is_valid
+
+    from final
+    left join code_validation
+        on code_validation.code_system = 'cvx'
+        and final.cvx_code = code_validation.code
+
 )
 
-select * from final
+select * from validated
