@@ -40,13 +40,7 @@ final as (
 -- terminology: appended last so the columns above keep their place
 code_validation as (
 
-    select
-        validations.*,
-        validated_systems.code_system
-
-    from {{ ref('stg_terminology__code_validation') }} as validations
-    inner join {{ ref('code_systems') }} as validated_systems
-        on validations.code_system_uri = validated_systems.code_system_uri
+    {{ validated_codes() }}
 
 ),
 
