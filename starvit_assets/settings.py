@@ -266,10 +266,20 @@ def _decode_key(text: str, source: str) -> bytes:
 
 def _dev_key(path: Path) -> bytes:
     if not path.exists():
+        # Several processes of one run (Dagster's steps, the gate's workers) may each be the
+        # first: the key is written whole under a private name and linked into place, which
+        # fails for all but one, so nobody reads a half-written key or keeps a different one.
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(KEY_BYTES))
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(KEY_BYTES))
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
     return _decode_key(path.read_text().strip(), str(path))
 
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import multiprocessing
+import secrets
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +30,39 @@ def test_dev_key_is_generated_once_private_and_reused(tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o077 == 0
     assert StarvitSettings(home=tmp_path).key == key
     assert key.hex() not in repr(settings)
+
+
+def _key_of_a_process(home: Path, start: Any, keys: Any) -> None:  # runs in a child
+    start.wait()
+    keys.put(StarvitSettings(home=home).key.hex())
+
+
+def test_processes_that_create_the_dev_key_at_once_all_get_the_same_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow random source holds each process between "the key file is not there" and "the
+    # key is written", where the others arrive.
+    token_hex = secrets.token_hex
+
+    def slow_token_hex(nbytes: int) -> str:
+        time.sleep(0.2)
+        return token_hex(nbytes)
+
+    monkeypatch.setattr(secrets, "token_hex", slow_token_hex)
+    context = multiprocessing.get_context("fork")
+    start, keys = context.Event(), context.Queue()
+    children = [
+        context.Process(target=_key_of_a_process, args=(tmp_path, start, keys)) for _ in range(8)
+    ]
+    for child in children:
+        child.start()
+    start.set()
+    for child in children:
+        child.join(timeout=60)
+
+    assert [child.exitcode for child in children] == [0] * 8
+    assert len({keys.get(timeout=5) for _ in children}) == 1
+    assert [path.name for path in (tmp_path / "state").iterdir()] == ["dev-pseudonymisation.key"]
 
 
 def test_non_dev_environment_requires_a_configured_key(tmp_path: Path) -> None:
