@@ -227,8 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
         if status is None:
             return False
         headers = {"Retry-After": faults.retry_after} if faults.retry_after is not None else {}
-        self._send(status, operation_outcome("transient", f"injected HTTP {status}"), headers)
         self._record(status, 0)
+        self._send(status, operation_outcome("transient", f"injected HTTP {status}"), headers)
         return True
 
     def _answer(self, handler: Callable[[], tuple[int, dict[str, Any], int]]) -> None:
@@ -238,8 +238,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, body, entries = handler()
         except _BadRequest as error:
             status, body, entries = 400, operation_outcome("invalid", str(error)), 0
-        self._send(status, body)
+        # Recorded before answering: once the client has its answer, a test may read the log.
         self._record(status, entries)
+        self._send(status, body)
 
     def do_GET(self) -> None:
         self._answer(self._get)
