@@ -13,7 +13,7 @@ import datetime as dt
 import decimal
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from antlr4 import CommonTokenStream, InputStream
 from antlr4.error.ErrorListener import ErrorListener
 from fhirpathpy.engine import do_eval
 from fhirpathpy.engine.invocations.constants import constants as fhirpath_constants
-from fhirpathpy.engine.nodes import FP_DateTime, FP_Time, ResourceNode
+from fhirpathpy.engine.nodes import FP_DateTime, FP_Quantity, FP_Time, ResourceNode, TypeInfo
 from fhirpathpy.engine.util import arraify, get_data
 from fhirpathpy.models import models as fhirpath_models
 from fhirpathpy.parser import parse
@@ -31,6 +31,12 @@ from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
 from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 DEFINITIONS_DIR = Path(__file__).with_name("definitions")
+# Environment variables the runner sets: %rowIndex (SQL on FHIR 2.1) and FHIR's %resource and
+# %rootResource (the resource being flattened; contained resources are not flattened, so both
+# are the same resource). A constant may not take one of these names.
+ROW_INDEX = "rowIndex"
+RESERVED_VARIABLES = frozenset({ROW_INDEX, "resource", "rootResource", "context", "ucum"})
+_EXHAUSTED = object()
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "boolean": pa.bool_(),
@@ -207,12 +213,44 @@ def _time_boundary(text: Any, precision: int | None, high: bool) -> Any:
     return FP_Time("".join(part for size, part in filled.items() if size <= digits))
 
 
+def _quantity_boundary(item: Any, precision: int | None, high: bool) -> Any:
+    """A Quantity's boundary is its value's, in the same unit."""
+    if isinstance(item, FP_Quantity):
+        value = _decimal_boundary(decimal.Decimal(str(item.value)), precision, high)
+        return None if value is None else FP_Quantity(value, item.unit)
+    data = get_data(item)
+    if not isinstance(data, dict) or "value" not in data:
+        return None
+    value_node = ResourceNode.create_node(data["value"], "decimal")
+    operand = _boundary_operand(value_node)
+    if operand is None:
+        return None
+    value = _decimal_boundary(operand[1], precision, high)
+    return None if value is None else ResourceNode.create_node({**data, "value": value}, item.path)
+
+
+def _is_quantity(item: Any) -> bool:
+    return isinstance(item, FP_Quantity) or (
+        isinstance(item, ResourceNode) and _fhir_type_is(str(item.path), "Quantity")
+    )
+
+
 def _boundary(inputs: list[Any], precision: Any, high: bool) -> list[Any]:
     # An empty precision argument propagates like any empty operand.
     if not inputs or isinstance(precision, list):
         return []
     if len(inputs) > 1:
         raise ValueError("lowBoundary()/highBoundary() need a single input item")
+    if _is_quantity(inputs[0]):
+        quantity = _quantity_boundary(inputs[0], precision, high)
+        return [] if quantity is None else [quantity]
+    if isinstance(inputs[0], ResourceNode) and inputs[0].path == "Period":
+        # The SQL on FHIR specification requires the boundaries of a Period: the earliest its
+        # start may be, the latest its end may be (empty for an open end).
+        bound = get_data(inputs[0]).get("end" if high else "start")
+        if bound is None:
+            return []
+        return _boundary([ResourceNode.create_node(bound, "dateTime")], precision, high)
     operand = _boundary_operand(inputs[0])
     if operand is None:
         return []
@@ -234,7 +272,118 @@ def _high_boundary(inputs: list[Any], precision: Any = None) -> list[Any]:
     return _boundary(inputs, precision, high=True)
 
 
+# --- types: ofType(), is(), as() ------------------------------------------------------------
+# The FHIRPath type of each FHIR primitive's value (its `value` element in the FHIR
+# definitions): `ofType(String)` or `ofType(System.String)` keeps a FHIR code or uri too.
+_SYSTEM_TYPE_OF_PRIMITIVE = {
+    "boolean": "Boolean",
+    "integer": "Integer",
+    "positiveInt": "Integer",
+    "unsignedInt": "Integer",
+    "integer64": "Long",
+    "decimal": "Decimal",
+    "date": "Date",
+    "dateTime": "DateTime",
+    "instant": "DateTime",
+    "time": "Time",
+    **dict.fromkeys(
+        (
+            "string",
+            "code",
+            "id",
+            "markdown",
+            "uri",
+            "url",
+            "canonical",
+            "oid",
+            "uuid",
+            "base64Binary",
+            "xhtml",
+        ),
+        "String",
+    ),
+}
+FHIR_PRIMITIVE_TYPES = frozenset(_SYSTEM_TYPE_OF_PRIMITIVE)
+_SYSTEM_TYPES = frozenset(_SYSTEM_TYPE_OF_PRIMITIVE.values()) | {"Quantity"}
+_TYPE_PARENTS: dict[str, str] = _MODEL["type2Parent"]
+
+
+def _fhir_type_is(fhir_type: str, wanted: str) -> bool:
+    """``fhir_type`` is ``wanted`` or derives from it in the FHIR R4 model (Age is a Quantity,
+    code is a string)."""
+    current: str | None = fhir_type
+    while current:
+        if current == wanted:
+            return True
+        current = _TYPE_PARENTS.get(current)
+    return False
+
+
+def fhir_type_matches(fhir_type: str, namespace: str | None, name: str) -> bool:
+    """Whether a value of FHIR type ``fhir_type`` is of the FHIRPath type ``namespace.name``.
+
+    An unqualified name is looked up as a FHIR type, then as a System type. A capitalised FHIR
+    primitive that is no System type (``Instant``, ``Code``, ``PositiveInt``) names that
+    primitive: the SQL on FHIR tests write ``ofType(Instant)``.
+    """
+    if namespace in (None, "FHIR") and _fhir_type_is(fhir_type, name):
+        return True
+    if namespace in (None, "System") and name in _SYSTEM_TYPES:
+        return _SYSTEM_TYPE_OF_PRIMITIVE.get(fhir_type) == name
+    primitive = name[:1].lower() + name[1:]
+    return (
+        namespace is None
+        and name[:1].isupper()
+        and primitive in FHIR_PRIMITIVE_TYPES
+        and _fhir_type_is(fhir_type, primitive)
+    )
+
+
+def _has_type(item: Any, type_specifier: Any) -> bool:
+    namespace = getattr(type_specifier, "namespace", None)
+    name = getattr(type_specifier, "name", None)
+    if not isinstance(name, str):
+        return False
+    info = TypeInfo.from_value(item)
+    if info is None:
+        return False
+    if info.namespace == TypeInfo.System:
+        # A System value (a literal, or an element the model types as System.String).
+        return namespace in (None, "System") and info.name == name
+    return fhir_type_matches(str(info.name), namespace, name)
+
+
+def _of_type(inputs: list[Any], type_specifier: Any) -> list[Any]:
+    # fhirpathpy's ofType() compares names only while no is/as has set its global model, and
+    # knows no FHIR primitive as a System type (valueTime.ofType(Time) was empty).
+    return [item for item in inputs if _has_type(item, type_specifier)]
+
+
+def _single_operand(inputs: list[Any], operator: str) -> Any:
+    if len(inputs) > 1:
+        raise ValueError(f"'{operator}' needs a single item on its left, got {len(inputs)}")
+    return inputs[0]
+
+
+def _is(inputs: list[Any], type_specifier: Any) -> list[Any]:
+    if not inputs:
+        return []
+    return [_has_type(_single_operand(inputs, "is"), type_specifier)]
+
+
+def _as(inputs: list[Any], type_specifier: Any) -> list[Any]:
+    if not inputs:
+        return []
+    item = _single_operand(inputs, "as")
+    return [item] if _has_type(item, type_specifier) else []
+
+
 _FUNCTIONS: dict[str, dict[str, Any]] = {
+    "ofType": {"fn": _of_type, "arity": {1: ["TypeSpecifier"]}},
+    "is": {"fn": _is, "arity": {1: ["TypeSpecifier"]}},
+    "as": {"fn": _as, "arity": {1: ["TypeSpecifier"]}},
+    "isOp": {"fn": _is, "arity": {2: ["Any", "TypeSpecifier"]}},
+    "asOp": {"fn": _as, "arity": {2: ["Any", "TypeSpecifier"]}},
     "getResourceKey": {"fn": _resource_key, "arity": {0: []}},
     "getReferenceKey": {"fn": _reference_key, "arity": {0: [], 1: ["TypeSpecifier"]}},
     "lowBoundary": {"fn": _low_boundary, "arity": {0: [], 1: ["Integer"]}},
@@ -429,23 +578,28 @@ class _Select:
             names += self.union[0].column_names()
         return names
 
+    def _children(self, node: Any, variables: dict[str, Any]) -> Iterator[Any]:
+        for expression in self.iterate:
+            yield from expression.nodes(node, variables)
+
     def _iteration_nodes(self, node: Any, variables: dict[str, Any]) -> list[Any]:
         if self.mode is None:
             return [node]
         try:
             if self.mode != "repeat":
                 return self.iterate[0].nodes(node, variables)
-            # repeat: every element reachable by any sequence of the paths, the start excluded.
+            # repeat: every element reachable by any sequence of the paths, the start excluded,
+            # depth first in document order (each element, then what it leads to), which is the
+            # order %rowIndex counts in. A stack of iterators, not recursion: depth is the data's.
             found: list[Any] = []
-            frontier = [node]
-            while frontier:
-                next_frontier = []
-                for current in frontier:
-                    for expression in self.iterate:
-                        children = expression.nodes(current, variables)
-                        found.extend(children)
-                        next_frontier.extend(children)
-                frontier = next_frontier
+            pending = [self._children(node, variables)]
+            while pending:
+                child = next(pending[-1], _EXHAUSTED)
+                if child is _EXHAUSTED:
+                    pending.pop()
+                    continue
+                found.append(child)
+                pending.append(self._children(child, variables))
             return found
         except Exception as error:
             paths = ", ".join(expression.expression for expression in self.iterate)
@@ -457,23 +611,31 @@ class _Select:
         nodes = self._iteration_nodes(node, variables)
         if not nodes:
             if self.mode == "forEachOrNull":
-                return [dict.fromkeys(self.column_names())]
+                return [self._null_row(variables)]
             return []
         produced: list[Row] = []
-        for current in nodes:
+        for index, current in enumerate(nodes):
+            # %rowIndex: the element's 0-based position in what this select iterates; a select
+            # that does not iterate keeps the enclosing one (0 at the resource).
+            scope = variables if self.mode is None else {**variables, ROW_INDEX: index}
             partial: list[Row] = [
-                {column.name: column.value(current, variables) for column in self.columns}
+                {column.name: column.value(current, scope) for column in self.columns}
             ]
-            parts = [select.rows(current, variables) for select in self.selects]
+            parts = [select.rows(current, scope) for select in self.selects]
             if self.union:
-                parts.append(
-                    [row for branch in self.union for row in branch.rows(current, variables)]
-                )
+                parts.append([row for branch in self.union for row in branch.rows(current, scope)])
             # A part with no rows (an empty forEach below) removes the element altogether.
             for part in parts:
                 partial = [{**left, **right} for left in partial for right in part]
             produced.extend(partial)
         return produced
+
+    def _null_row(self, variables: dict[str, Any]) -> Row:
+        # forEachOrNull with nothing to iterate: one row for no element, so every column below
+        # is evaluated on the empty collection with %rowIndex 0. Paths into the element give
+        # null; what does not depend on it (%rowIndex, a literal, exists()) keeps its value.
+        scope = {**variables, ROW_INDEX: 0}
+        return {column.name: column.value([], scope) for column in _all_columns(self)}
 
 
 class CompiledView:
@@ -488,6 +650,11 @@ class CompiledView:
         self._variables = {
             constant["name"]: _constant_value(constant) for constant in _objects(view, "constant")
         }
+        reserved = sorted(RESERVED_VARIABLES.intersection(self._variables))
+        if reserved:
+            raise ViewDefinitionError(
+                f"constant name {', '.join(reserved)} is reserved for an environment variable"
+            )
         self._where = [_path(clause.get("path"), "where") for clause in _objects(view, "where")]
         self._root = _Select({"select": view["select"]})
         self.column_names = self._root.column_names()
@@ -501,9 +668,15 @@ class CompiledView:
     def rows(self, resource: dict[str, Any]) -> list[Row]:
         if resource.get("resourceType") != self.resource_type:
             return []
+        variables = {
+            **self._variables,
+            ROW_INDEX: 0,
+            "resource": resource,
+            "rootResource": resource,
+        }
         for clause in self._where:
             try:
-                result = clause.values(resource, self._variables)
+                result = clause.values(resource, variables)
             except Exception as error:
                 raise ViewDefinitionError(
                     f"where {clause.expression!r} failed ({type(error).__name__}: {error})"
@@ -516,7 +689,7 @@ class CompiledView:
                 return []
         return [
             {name: row.get(name) for name in self.column_names}
-            for row in self._root.rows(resource, self._variables)
+            for row in self._root.rows(resource, variables)
         ]
 
     def arrow_schema(self) -> pa.Schema:

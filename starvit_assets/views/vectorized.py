@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,13 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 from fhirpathpy.models import models as fhirpath_models
 
-from starvit_assets.views.runner import CompiledView, ViewDefinitionError
+from starvit_assets.views.runner import (
+    FHIR_PRIMITIVE_TYPES,
+    ROW_INDEX,
+    CompiledView,
+    ViewDefinitionError,
+    fhir_type_matches,
+)
 
 Owners = npt.NDArray[np.int64]
 
@@ -380,6 +386,11 @@ class _Literal:
     value: str
 
 
+@dataclass(frozen=True)
+class _RowIndex:
+    """%rowIndex as a whole column: the item's position in what its select iterates."""
+
+
 _Op = (
     _Member
     | _ResourceKey
@@ -390,6 +401,7 @@ _Op = (
     | _Join
     | _Exists
     | _Literal
+    | _RowIndex
 )
 
 
@@ -471,6 +483,9 @@ class _Parser:
         calls: list[_Call] = []
         if self._at("string"):
             calls.append(("literal", self._take("string")[1:-1]))
+        elif self._at("constant", f"%{ROW_INDEX}"):
+            self._take("constant")
+            calls.append(("rowIndex",))
         elif self._at("this"):
             self._take("this")
             calls.append(("this",))
@@ -518,6 +533,28 @@ def _element(owner: str, name: str) -> tuple[bool, str]:
     if key in _BACKBONES:
         return is_list, "@" + key
     raise _Unsupported(f"{key} is not an R4 element")
+
+
+def _choice_option(choice: str, type_name: str) -> str:
+    """The one JSON suffix of ``choice`` that ofType(type_name) keeps, as the general evaluator
+    decides it (subtypes and System types included: Extension.value.ofType(Quantity) keeps
+    valueAge too, Observation.effective.ofType(DateTime) valueInstant too)."""
+    matching = [
+        option
+        for option in _CHOICES[choice]
+        if fhir_type_matches(_option_type(option), None, type_name)
+    ]
+    if len(matching) != 1:
+        raise _Unsupported(
+            f"{choice}.ofType({type_name}) keeps {len(matching)} of its types, not exactly one"
+        )
+    return matching[0]
+
+
+def _option_type(option: str) -> str:
+    """The FHIR type of a choice suffix: valueString is a string, valueQuantity a Quantity."""
+    primitive = option[:1].lower() + option[1:]
+    return primitive if primitive in FHIR_PRIMITIVE_TYPES else option
 
 
 def _literal(token: tuple[str, str], constants: dict[str, Any]) -> str | bool | int:
@@ -577,6 +614,9 @@ class _Compiler:
             if kind == "literal" and len(calls) == 1:
                 ops.append(_Literal(call[1]))
                 shape = _Shape(None, pa.string(), None, True, False)
+            elif kind == "rowIndex" and len(calls) == 1:
+                ops.append(_RowIndex())
+                shape = _Shape(None, pa.int64(), None, True, False)
             elif kind == "member":
                 name = call[1]
                 choice = f"{shape.type_path}.{name}"
@@ -589,10 +629,7 @@ class _Compiler:
                     index += 1
                     if len(args) != 1 or args[0][0] != "ident":
                         raise _Unsupported("ofType() needs a type name")
-                    type_name = args[0][1][:1].upper() + args[0][1][1:]
-                    if type_name not in _CHOICES[choice]:
-                        raise _Unsupported(f"{choice} cannot be a {args[0][1]}")
-                    name += type_name
+                    name += _choice_option(choice, args[0][1])
                 op, shape = self.member(shape, name)
                 ops.append(op)
             elif kind == "index":
@@ -715,14 +752,19 @@ class _Collection:
 class _Context:
     """The items one select runs on, with the collections already computed on them."""
 
-    def __init__(self, items: pa.Array) -> None:
+    def __init__(self, items: pa.Array, row_index: Owners | None = None) -> None:
         self.items = items
         self.size = len(items)
+        # %rowIndex per item: its position in what the select iterates (0 at the resources).
+        self.row_index = np.zeros(self.size, dtype=np.int64) if row_index is None else row_index
         self.cache: dict[tuple[_Op, ...], _Collection] = {}
 
     def evaluate(self, expr: _Expr) -> _Collection:
+        own = np.arange(self.size, dtype=np.int64)
+        if expr.ops == (_RowIndex(),):
+            return _Collection(pa.array(self.row_index, pa.int64()), own, self.size)
         # Columns share prefixes (code.coding..., value.ofType(Quantity)...): compute each once.
-        collection = _Collection(self.items, np.arange(self.size, dtype=np.int64), self.size)
+        collection = _Collection(self.items, own, self.size)
         for end in range(len(expr.ops), 0, -1):
             cached = self.cache.get(expr.ops[:end])
             if cached is not None:
@@ -734,6 +776,51 @@ class _Context:
             collection = _apply(expr.ops[position], collection)
             self.cache[expr.ops[: position + 1]] = collection
         return collection
+
+
+def _positions(owner: Owners) -> Owners:
+    """Each item's 0-based position among the items of the same owner (owner non-decreasing)."""
+    return np.arange(len(owner), dtype=np.int64) - np.searchsorted(owner, owner, side="left")
+
+
+def _on_nothing(expr: _Expr) -> list[Any]:
+    """The expression's items on an empty focus with %rowIndex 0, as the general evaluator
+    gives them for the null row of a forEachOrNull."""
+    items: list[Any] = []
+    for op in expr.ops:
+        if isinstance(op, _Literal):
+            items = [op.value]
+        elif isinstance(op, _RowIndex):
+            items = [0]
+        elif isinstance(op, _Join):
+            items = [op.separator.join(items)]
+        elif isinstance(op, _Exists):
+            items = [not items] if op.negate else [bool(items)]
+        elif isinstance(op, _Index):
+            items = items[op.position :][:1] if op.position >= 0 else items[-1:]
+        else:
+            # Navigation: the compiler allows it on complex items only, and on an empty focus
+            # there are none.
+            items = []
+    return items
+
+
+def _subtree_columns(select: _Select) -> Iterator[_Column]:
+    """The columns of a select and everything below it, as the general evaluator walks them."""
+    yield from select.columns
+    for child in select.selects:
+        yield from _subtree_columns(child)
+    if select.union:
+        yield from _subtree_columns(select.union[0])
+
+
+def _null_rows(select: _Select, owners: Owners) -> _Rows:
+    columns: dict[str, pa.Array] = {}
+    for column in _subtree_columns(select):
+        items = _on_nothing(column.expr)
+        value = items if column.collection else items[0] if items else None
+        columns[column.name] = pa.array([value] * len(owners), column.arrow_type)
+    return _Rows(owners.astype(np.int64), columns, False)
 
 
 def _counts(collection: _Collection) -> npt.NDArray[np.int64]:
@@ -825,6 +912,9 @@ def _apply(op: _Op, collection: _Collection) -> _Collection:
         present = _counts(collection) > 0
         result = pa.array(~present if op.negate else present)
         return _Collection(result, np.arange(collection.size, dtype=np.int64), collection.size)
+    if isinstance(op, _RowIndex):
+        # Only a whole column is %rowIndex, and _Context.evaluate answers it from its items.
+        raise AssertionError("%rowIndex is evaluated by its context")
     repeated = pa.array([op.value] * collection.size, pa.string())
     return _Collection(repeated, np.arange(collection.size, dtype=np.int64), collection.size)
 
@@ -919,7 +1009,7 @@ def _run_select(select: _Select, context: _Context) -> _Rows:
         element_owner: Owners | None = None
     else:
         found = context.evaluate(select.iterate)
-        elements = _Context(found.values)
+        elements = _Context(found.values, _positions(found.owner))
         element_owner = found.owner
     parts: list[_Rows] = []
     if select.columns:
@@ -940,16 +1030,8 @@ def _run_select(select: _Select, context: _Context) -> _Rows:
     if select.mode == "forEachOrNull":
         empty = np.flatnonzero(np.bincount(element_owner, minlength=context.size) == 0)
         if len(empty):
-            # A context item with nothing to iterate keeps one row, all null, below it too.
-            nulls = _Rows(
-                empty.astype(np.int64),
-                {
-                    name: pa.nulls(len(empty), arrow_type)
-                    for name, arrow_type in select.column_types
-                },
-                False,
-            )
-            rows = _concat([rows, nulls])
+            # A context item with nothing to iterate keeps one row, for no element.
+            rows = _concat([rows, _null_rows(select, empty)])
     return rows
 
 

@@ -563,6 +563,203 @@ def test_constants_are_fhirpath_variables() -> None:
     assert run_view(view, [PATIENT]) == [{"is_female": True}]
 
 
+# --- environment variables, types, boundaries of quantities ---------------------------------------
+ITEMS = {
+    "resourceType": "QuestionnaireResponse",
+    "id": "q",
+    "item": [
+        {"linkId": "1", "item": [{"linkId": "1.1", "item": [{"linkId": "1.1.1"}]}]},
+        {"linkId": "2", "answer": [{"item": [{"linkId": "2.1"}]}]},
+    ],
+}
+
+
+def test_row_index_counts_each_iteration_from_zero() -> None:
+    view = {
+        "resource": "Patient",
+        "select": [
+            {"column": [column("top", "%rowIndex")]},
+            {
+                "forEach": "contact",
+                "column": [column("contact", "%rowIndex")],
+                "select": [
+                    {"forEach": "telecom", "column": [column("telecom", "%rowIndex")]},
+                    {"column": [column("inherited", "%rowIndex")]},
+                ],
+            },
+        ],
+    }
+    patient = {
+        "resourceType": "Patient",
+        "contact": [{"telecom": [{}, {}]}, {"telecom": [{}]}],
+    }
+
+    assert run_view(view, [patient]) == [
+        {"top": 0, "contact": 0, "telecom": 0, "inherited": 0},
+        {"top": 0, "contact": 0, "telecom": 1, "inherited": 0},
+        {"top": 0, "contact": 1, "telecom": 0, "inherited": 1},
+    ]
+
+
+def test_repeat_goes_depth_first_and_row_index_follows_it() -> None:
+    view = {
+        "resource": "QuestionnaireResponse",
+        "select": [
+            {
+                "repeat": ["item", "answer.item"],
+                "column": [column("link", "linkId"), column("position", "%rowIndex")],
+            }
+        ],
+    }
+
+    assert run_view(view, [ITEMS]) == [
+        {"link": "1", "position": 0},
+        {"link": "1.1", "position": 1},
+        {"link": "1.1.1", "position": 2},
+        {"link": "2", "position": 3},
+        {"link": "2.1", "position": 4},
+    ]
+
+
+def test_the_null_row_of_for_each_or_null_is_the_select_on_no_element() -> None:
+    view = {
+        "resource": "Patient",
+        "select": [
+            {
+                "forEachOrNull": "name",
+                "column": [
+                    column("position", "%rowIndex"),
+                    column("family", "family"),
+                    column("given", "given", collection=True),
+                    column("has_family", "family.exists()"),
+                    column("source", "'name'"),
+                ],
+            }
+        ],
+    }
+
+    assert run_view(view, [{"resourceType": "Patient", "name": [{"family": "X"}]}]) == [
+        {"position": 0, "family": "X", "given": [], "has_family": True, "source": "name"}
+    ]
+    assert run_view(view, [{"resourceType": "Patient"}]) == [
+        {"position": 0, "family": None, "given": [], "has_family": False, "source": "name"}
+    ]
+
+
+def test_resource_and_root_resource_reach_the_resource_below_a_for_each() -> None:
+    view = {
+        "resource": "Patient",
+        "select": [
+            {
+                "forEach": "name",
+                "column": [
+                    column("family", "family"),
+                    column("gender", "%resource.gender"),
+                    column("root", "%rootResource.id"),
+                ],
+            }
+        ],
+    }
+
+    assert run_view(view, [PATIENT]) == [{"family": "Brennan", "gender": "female", "root": "p1"}]
+
+
+def test_a_constant_may_not_take_an_environment_variable_name() -> None:
+    view = patient_view(
+        column("i", "%rowIndex"), constant=[{"name": "rowIndex", "valueInteger": 3}]
+    )
+
+    with pytest.raises(ViewDefinitionError, match="rowIndex is reserved"):
+        compile_view(view)
+
+
+@pytest.mark.parametrize(
+    ("resource", "path", "expected"),
+    [
+        # FHIRPath System types select the FHIR primitives whose values they are.
+        ({"valueTime": "18:12:00"}, "value.ofType(Time)", "18:12:00"),
+        ({"valueTime": "18:12:00"}, "value.ofType(System.Time)", "18:12:00"),
+        ({"valueString": "s"}, "value.ofType(String)", "s"),
+        ({"valueBoolean": False}, "value.ofType(Boolean)", False),
+        ({"valueInteger": 7}, "value.ofType(Integer)", 7),
+        ({"valueDateTime": "2020-01"}, "value.ofType(DateTime)", "2020-01"),
+        ({"effectiveInstant": "2015-02-07T13:28:17.239+02:00"}, "effective.ofType(DateTime)",
+         "2015-02-07T13:28:17.239+02:00"),
+        # ... and a capitalised FHIR primitive, as the SQL on FHIR tests write it.
+        ({"effectiveInstant": "2015-02-07T13:28:17.239+02:00"}, "effective.ofType(Instant)",
+         "2015-02-07T13:28:17.239+02:00"),
+        ({"effectiveInstant": "2015-02-07T13:28:17.239+02:00"}, "effective.ofType(dateTime)", None),
+        ({"valueTime": "18:12:00"}, "value.ofType(Date)", None),
+        ({"valueString": "s"}, "value.ofType(Integer)", None),
+        ({"valueTime": "18:12:00"}, "value is Time", True),
+        ({"valueTime": "18:12:00"}, "value.is(String)", False),
+        ({"valueTime": "18:12:00"}, "(value as Time).exists()", True),
+    ],
+)  # fmt: skip
+def test_of_type_knows_system_types(resource: dict[str, Any], path: str, expected: Any) -> None:
+    view = {"resource": "Observation", "select": [{"column": [column("v", path)]}]}
+
+    assert run_view(view, [{"resourceType": "Observation", **resource}]) == [{"v": expected}]
+
+
+def test_of_type_keeps_subtypes_in_the_fhir_model() -> None:
+    view = patient_view(column("ages", "extension.value.ofType(Quantity).value", collection=True))
+    patient = {
+        "resourceType": "Patient",
+        "extension": [
+            {"url": "a", "valueAge": {"value": 3}},
+            {"url": "b", "valueQuantity": {"value": 4}},
+            {"url": "c", "valueString": "5"},
+        ],
+    }
+
+    assert run_view(view, [patient]) == [{"ages": [3, 4]}]
+
+
+def test_boundaries_of_a_quantity_keep_its_unit() -> None:
+    view = {
+        "resource": "Observation",
+        "select": [
+            {
+                "column": [
+                    column("low", "value.ofType(Quantity).lowBoundary().value", type="decimal"),
+                    column("high", "value.ofType(Quantity).highBoundary().value", type="decimal"),
+                    column("unit", "value.ofType(Quantity).highBoundary().unit"),
+                ]
+            }
+        ],
+    }
+    observation = {"resourceType": "Observation", "valueQuantity": {"value": 1.5, "unit": "mg"}}
+
+    assert run_view(view, [observation]) == [{"low": 1.45, "high": 1.55, "unit": "mg"}]
+
+
+def test_boundaries_of_a_period_are_those_of_its_start_and_end() -> None:
+    view = {
+        "resource": "Encounter",
+        "select": [
+            {
+                "column": [
+                    column("low", "period.lowBoundary()"),
+                    column("high", "period.highBoundary()"),
+                    column("high_day", "period.highBoundary(8)"),
+                ]
+            }
+        ],
+    }
+    closed = {"resourceType": "Encounter", "period": {"start": "2020-01", "end": "2020-02-03"}}
+    open_ended = {"resourceType": "Encounter", "period": {"start": "2020-01-05T10:00:00Z"}}
+
+    assert run_view(view, [closed, open_ended]) == [
+        {
+            "low": "2020-01-01T00:00:00.000+14:00",
+            "high": "2020-02-03T23:59:59.999-12:00",
+            "high_day": "2020-02-03",
+        },
+        {"low": "2020-01-05T10:00:00.000Z", "high": None, "high_day": None},
+    ]
+
+
 # --- invalid views -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("view", "message"),
