@@ -70,6 +70,8 @@ _MAX_RETRY_AFTER = 30.0
 # RFC 6749 error codes are short ASCII words; anything else is not echoed.
 _OAUTH_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _ES384_COORDINATE_BYTES = 48
+# 401 replays per request: enough for a shared token that ran out, never an endless loop.
+_MAX_401_ROUNDS = 3
 
 
 class AuthError(ExportError):
@@ -216,17 +218,24 @@ class _CachedTokenAuth(httpx.Auth):
         token = self._valid_token()
         request.headers["Authorization"] = f"Bearer {token.value}"
         response = yield request
-        if response.status_code != 401:
-            return
-        logger.info(
-            "%s %s answered 401; refreshing the access token and retrying once",
-            request.method,
-            _where(request.url),
-        )
-        token = self._replace_rejected(token)
-        request.headers["Authorization"] = f"Bearer {token.value}"
-        retried = yield request
-        if retried.status_code == 401:
+        # A 401 means the token expired or was revoked early: fetch a new one and replay.
+        # When another thread had already replaced the token, the replay uses that one, which
+        # may itself have run out meanwhile (a server limiting uses per token); then one more
+        # round. A 401 to a token fetched for this very request ends it: no loop.
+        for _ in range(_MAX_401_ROUNDS):
+            if response.status_code != 401:
+                return
+            logger.info(
+                "%s %s answered 401; refreshing the access token and retrying",
+                request.method,
+                _where(request.url),
+            )
+            token, fetched_here = self._replace_rejected(token)
+            request.headers["Authorization"] = f"Bearer {token.value}"
+            response = yield request
+            if fetched_here:
+                break
+        if response.status_code == 401:
             logger.warning(
                 "%s %s answered 401 again with a fresh access token; giving up on this request",
                 request.method,
@@ -275,13 +284,14 @@ class _CachedTokenAuth(httpx.Auth):
                 token = self._token = self._fetch_token()
             return token
 
-    def _replace_rejected(self, rejected: _Token) -> _Token:
+    def _replace_rejected(self, rejected: _Token) -> tuple[_Token, bool]:
+        """A token other than ``rejected``, and whether this call fetched it."""
         with self._lock:
             if self._token is not None and self._token is not rejected:
                 # Another thread already replaced the rejected token.
-                return self._token
+                return self._token, False
             self._token = self._fetch_token()
-            return self._token
+            return self._token, True
 
     def _fetch_token(self) -> _Token:
         token_url = self._token_url()

@@ -284,24 +284,47 @@ def test_type_filter_and_elements(source: tuple[Path, dict[str, int]], tmp_path:
     assert all(any(tag["code"] == "SUBSETTED" for tag in p["meta"]["tag"]) for p in patients)
 
 
-def test_include_associated_data_is_refused_unless_lenient(
+def test_include_associated_data_is_sent_as_value_code_and_unknown_values_refused(
     source: tuple[Path, dict[str, int]], tmp_path: Path
 ) -> None:
-    request = ExportRequest(
-        types=("Patient",), include_associated_data=("LatestProvenanceResources",)
+    posted = ExportRequest(
+        types=("Patient",), include_associated_data=("LatestProvenanceResources",), method="POST"
     )
+    custom = dataclasses.replace(posted, include_associated_data=("_CustomBundle",))
     with BulkDataServer(source[0], retry_after_seconds=0) as server:
         client = BulkDataClient(server.base_url, config=FAST)
+        # The server refuses any other value[x] than valueCode for includeAssociatedData,
+        # so an accepted POST proves the client's encoding.
+        by_post = client.export(tmp_path / "post", request=posted)
+        by_get = client.export(tmp_path / "get", request=dataclasses.replace(posted, method="GET"))
         with pytest.raises(
             ExportError,
             match=r"kick-off failed: HTTP 400 \(OperationOutcome issue codes: not-supported\)",
         ):
-            client.export(tmp_path / "strict", request=request)
+            client.export(tmp_path / "strict", request=custom)
         lenient = client.export(
             tmp_path / "lenient",
-            request=dataclasses.replace(request, lenient=True),
+            request=dataclasses.replace(custom, lenient=True),
             fail_on_errors=True,  # a warning is not an error
         )
+        as_string = httpx.post(
+            server.base_url + "/$export",
+            json={
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "includeAssociatedData", "valueString": "LatestProvenanceResources"}
+                ],
+            },
+            headers={"Prefer": "respond-async"},
+        )
+    assert posted.parameters_resource()["parameter"][-1] == {
+        "name": "includeAssociatedData",
+        "valueCode": "LatestProvenanceResources",
+    }
+    assert by_post.counts == by_get.counts == {"Patient": source[1]["Patient"]}
+    assert by_post.error_outcomes == 0
+    assert as_string.status_code == 400
+    assert "includeAssociatedData takes valueCode, not valueString" in as_string.text
     assert lenient.counts == {"Patient": source[1]["Patient"]}
     assert lenient.error_outcomes == 1
     assert lenient.error_issue_counts == {"not-supported": 1}
