@@ -107,12 +107,15 @@ class _Secret:
     __str__ = __repr__
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Token:
     value: str = field(repr=False)
     refresh_at: float
     expires_at: float
     scope: str | None
+    # Some request got past the server with it: a later 401 means it expired, not that the
+    # server refuses this client's tokens altogether.
+    worked: bool = False
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -216,31 +219,31 @@ class _CachedTokenAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         _check_transport("resource request", request.url, self._allow_insecure_http)
         token = self._valid_token()
-        request.headers["Authorization"] = f"Bearer {token.value}"
-        response = yield request
-        # A 401 means the token expired or was revoked early: fetch a new one and replay.
-        # When another thread had already replaced the token, the replay uses that one, which
-        # may itself have run out meanwhile (a server limiting uses per token); then one more
-        # round. A 401 to a token fetched for this very request ends it: no loop.
-        for _ in range(_MAX_401_ROUNDS):
+        fetched_here = False
+        # A 401 means the token expired or was revoked early: get a new one and replay. The
+        # new one may run out too before the replay arrives, when parallel requests share it
+        # and the server limits its uses; it then has worked for some of them, and one more
+        # round follows. A token fetched for this request and refused without ever working
+        # means the server refuses this client: the 401 goes back, no loop.
+        for replay in range(_MAX_401_ROUNDS + 1):
+            request.headers["Authorization"] = f"Bearer {token.value}"
+            response = yield request
             if response.status_code != 401:
+                token.worked = True
                 return
+            if replay == _MAX_401_ROUNDS or (fetched_here and not token.worked):
+                break
             logger.info(
                 "%s %s answered 401; refreshing the access token and retrying",
                 request.method,
                 _where(request.url),
             )
             token, fetched_here = self._replace_rejected(token)
-            request.headers["Authorization"] = f"Bearer {token.value}"
-            response = yield request
-            if fetched_here:
-                break
-        if response.status_code == 401:
-            logger.warning(
-                "%s %s answered 401 again with a fresh access token; giving up on this request",
-                request.method,
-                _where(request.url),
-            )
+        logger.warning(
+            "%s %s answered 401 again with a fresh access token; giving up on this request",
+            request.method,
+            _where(request.url),
+        )
 
     async def async_auth_flow(
         self, request: httpx.Request

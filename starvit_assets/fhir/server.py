@@ -12,19 +12,28 @@ manifest counts equal the lines served.
 Supported kick-off parameters: ``_outputFormat``, ``_since`` (on ``meta.lastUpdated``),
 ``_type``, ``_elements`` (root elements; ``SUBSETTED`` tag), ``patient`` (POST only, not at
 system level), ``_typeFilter`` (``Type?param=value[&...]`` on root elements, codings and
-references, no modifiers or prefixes), ``allowPartialManifests``. ``includeAssociatedData``
-and anything else is refused with 400, or ignored with a warning in ``error[]`` under
-``Prefer: handling=lenient``.
+references, no modifiers or prefixes), ``allowPartialManifests``, ``includeAssociatedData``
+(the IG's two Provenance codes, accepted; the folder holds no Provenance of the server's
+making, so they add nothing). A POST body must give each parameter the IG's ``value[x]``
+(``includeAssociatedData`` a ``valueCode``, ...). Other codes and parameters are refused with
+400, or ignored with a warning in ``error[]`` under ``Prefer: handling=lenient``.
 
 Data folder conventions: ``<Type>.ndjson`` and ``<Type>.<n>.ndjson`` hold resources (served
 as they are: one line is one resource version); ``Group`` resources define groups by
 ``member.entity`` (the group ``all`` always exists and means every patient);
 ``_deleted.ndjson`` holds tombstones ``{"resourceType", "id", "meta": {"lastUpdated"}}``.
 
-``Faults`` injects the failures a production server shows (throttling, transient errors,
-odd Retry-After values, dropped connections, expired files, short files); the default is no
-fault at all, so ``starvit fhir serve`` behaves normally. Logs carry paths and statuses only,
-never resource content.
+Auth is off by default. ``access_token`` requires one fixed bearer token; ``oauth_clients``
+runs an OAuth2 token endpoint (``POST /oauth2/token``: client_credentials with
+client_secret_basic, client_secret_post or a private_key_jwt assertion) with SMART discovery
+at ``[base]/.well-known/smart-configuration`` (``server_auth.py``); its tokens expire after
+``token_lifetime`` seconds.
+
+``Faults`` injects the failures a production server shows (throttling, transient and fatal
+errors at kick-off and while polling, odd Retry-After values, dropped, stalled, slow, expired
+and short files, partial ``error[]``, expiring tokens, a failing token endpoint); the default is
+no fault at all, so ``starvit fhir serve`` behaves normally. Logs carry paths and statuses
+only, never resource content or credentials.
 """
 
 from __future__ import annotations
@@ -364,12 +373,11 @@ class _Handler(BaseHTTPRequestHandler):
         return token is None or authorization == f"Bearer {token}"
 
     def _unauthorized(self) -> None:
-        # RFC 6750 3.1: the client learns the token is bad (expired, revoked), not why.
+        # RFC 6750 3: no error code when no token came; invalid_token for an expired, revoked
+        # or used-up one, without saying which.
+        challenge = 'Bearer error="invalid_token"' if "Authorization" in self.headers else "Bearer"
         self._error(
-            401,
-            "login",
-            "a valid bearer token is required",
-            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            401, "login", "a valid bearer token is required", {"WWW-Authenticate": challenge}
         )
 
     def _dispatch(self, handler: Callable[[], None]) -> None:

@@ -402,6 +402,39 @@ def test_a_second_401_is_returned_without_looping(server: AuthServer) -> None:
     assert len(server.resource_requests()) == 2
 
 
+def test_a_replacement_token_that_ran_out_under_parallel_use_is_replaced_again(
+    server: AuthServer,
+) -> None:
+    """A server limiting uses per token can exhaust the new token before this request's
+    replay arrives; the token worked for another request, so one more refresh follows."""
+    auth = ClientCredentialsAuth(server.token_url, CLIENT_ID, SECRET)
+    url = server.fhir_base_url + "/Patient"
+
+    def answer(status: int, sent: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, request=sent)
+
+    flow = auth.sync_auth_flow(httpx.Request("GET", url))
+    sent = next(flow)
+    tokens = [sent.headers["Authorization"]]
+    sent = flow.send(answer(401, sent))  # the first token ran out: a second one
+    tokens.append(sent.headers["Authorization"])
+    other = auth.sync_auth_flow(httpx.Request("GET", url))
+    parallel = next(other)
+    assert parallel.headers["Authorization"] == tokens[1]
+    with pytest.raises(StopIteration):
+        other.send(answer(200, parallel))  # a parallel request got through with it ...
+    sent = flow.send(answer(401, sent))  # ... before it ran out for this replay
+    tokens.append(sent.headers["Authorization"])
+    assert len(set(tokens)) == 3 and len(server.token_requests) == 3
+
+    # A new token refused without ever working ends the request: the server refuses us.
+    flow = auth.sync_auth_flow(httpx.Request("GET", url))
+    replay = flow.send(answer(401, next(flow)))
+    with pytest.raises(StopIteration):
+        flow.send(answer(401, replay))
+    assert len(server.token_requests) == 4
+
+
 def test_server_side_expiry_is_handled_by_the_401_retry(
     make_server: Callable[..., AuthServer],
 ) -> None:
