@@ -174,12 +174,12 @@ FAULTS: dict[str, Case] = {
     "slow polling with X-Progress": Case({}, {"polls_before_ready": 6, "retry_after_seconds": 0}),
     "connection dropped mid-download": Case({"drop_connection": 3}),
     "slow downloads within the read timeout": Case(
-        {"slow_files": 3, "slow_chunk_bytes": 4096, "slow_chunk_delay": 0.1},
-        env={"STARVIT_FHIR_READ_TIMEOUT": "0.6"},
+        {"slow_files": 3, "slow_chunk_bytes": 4096, "slow_chunk_delay": 0.2},
+        env={"STARVIT_FHIR_READ_TIMEOUT": "2"},
     ),
     "a download stalls past the read timeout": Case(
-        {"stall_files": 1, "stall_seconds": 1.5, "healthy_files": 2},
-        env={"STARVIT_FHIR_READ_TIMEOUT": "0.4"},
+        {"stall_files": 1, "stall_seconds": 3.0, "healthy_files": 2},
+        env={"STARVIT_FHIR_READ_TIMEOUT": "1"},
     ),
     "410 on a file the first time": Case({"gone": 1}),
     "manifest already expired": Case({"expired_exports": 1}),
@@ -231,8 +231,8 @@ FATAL: dict[str, tuple[Case, str]] = {
     ),
     "a download stalls every time": (
         Case(
-            {"stall_files": 1000, "stall_seconds": 1.0},
-            env={"STARVIT_FHIR_READ_TIMEOUT": "0.3", "STARVIT_FHIR_DOWNLOAD_ATTEMPTS": "2"},
+            {"stall_files": 1000, "stall_seconds": 2.0},
+            env={"STARVIT_FHIR_READ_TIMEOUT": "1", "STARVIT_FHIR_DOWNLOAD_ATTEMPTS": "2"},
         ),
         r"download of \S+ \(\w+\) failed after 2 attempt\(s\): ReadTimeout",
     ),
@@ -397,11 +397,12 @@ def test_client_export_refreshes_expiring_tokens_during_polls_and_downloads(
     auth_kind: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    # One-second tokens and a poll of about two seconds: the client must refresh by the clock
-    # while polling, and after 401s (each token is good for three requests) while downloading.
+    # Two-second tokens over a poll of about three seconds, each good for three requests (more
+    # than the other download threads can use at once): the token is replaced while polling
+    # (by the clock or after a 401) and after 401s while downloading.
     case = Case(
         {"tokens_expire_after": 3},
-        {"polls_before_ready": 3, "retry_after_seconds": 1, "token_lifetime": 1},
+        {"polls_before_ready": 4, "retry_after_seconds": 1, "token_lifetime": 2},
         auth=auth_kind,
     )
     config = dataclasses.replace(FAST, max_retry_after=0.7)
@@ -426,6 +427,8 @@ def test_client_export_refreshes_expiring_tokens_during_polls_and_downloads(
     tokens = [r for r in seen if r.path == "/oauth2/token"]
     assert len(tokens) >= 3 and all(r.status == 200 for r in tokens)
     assert any(r.status == 401 and "$export-file" in r.path for r in seen)
+    polls = [i for i, r in enumerate(seen) if "$export-status" in r.path and r.method == "GET"]
+    assert any(seen[i].path == "/oauth2/token" for i in range(polls[0], polls[-1]))
     bearers = {r.headers["authorization"] for r in seen if "authorization" in r.headers}
     secrets = [SECRET, *(value.split(" ", 1)[1] for value in bearers)]
     secrets += [r.form["client_assertion"] for r in tokens if "client_assertion" in r.form]
