@@ -65,8 +65,10 @@ class OAuthClient:
             )
 
     @classmethod
-    def with_jwks(cls, client_id: str, jwks: Mapping[str, Any], secret: str | None = None) -> Any:
-        keys = {}
+    def with_jwks(
+        cls, client_id: str, jwks: Mapping[str, Any], secret: str | None = None
+    ) -> OAuthClient:
+        keys: dict[str, PublicKey] = {}
         for jwk in jwks.get("keys", []):
             if not isinstance(jwk, dict) or not jwk.get("kid"):
                 raise AuthConfigError("every JWK of a client needs a kid")
@@ -198,7 +200,7 @@ class TokenService:
 
     # --- discovery ---------------------------------------------------------------------------
     def smart_configuration(self, origin: str, *, without_token_endpoint: bool) -> dict[str, Any]:
-        config: dict[str, Any] = {
+        return {
             "issuer": origin,
             "token_endpoint": None if without_token_endpoint else origin + TOKEN_PATH,
             "token_endpoint_auth_methods_supported": [
@@ -216,7 +218,6 @@ class TokenService:
                 "permission-v2",
             ],
         }
-        return config
 
     # --- bearer checks -------------------------------------------------------------------------
     def accepts(self, authorization: str | None, *, max_uses: int | None) -> bool:
