@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from starvit_assets.settings import (
     DBT_PROJECT_DIR,
@@ -59,10 +60,103 @@ def cmd_fhir_serve(args: argparse.Namespace) -> int:
     from starvit_assets.fhir.server import BulkDataServer
 
     data = _existing_ndjson_folder(args.data)
-    server = BulkDataServer(data, host=args.host, port=args.port)
-    print(f"serving FHIR Bulk Data from {data} (Ctrl-C to stop)")
+    options = serve_options(args)
+    try:
+        server = BulkDataServer(data, host=args.host, port=args.port, **options)
+    except OSError as error:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    print(f"serving FHIR Bulk Data from {data} (auth: {server.auth_mode}; Ctrl-C to stop)")
+    if server.auth_mode == "oauth":
+        print(f"token endpoint: {server.token_url}")
     server.serve_forever(on_ready=lambda url: print(f"base URL: {url}", flush=True))
     return 0
+
+
+def serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``BulkDataServer`` keyword arguments from the ``fhir serve`` flags, validated."""
+    from starvit_assets.fhir.server import Faults
+    from starvit_assets.fhir.server_auth import AuthConfigError, OAuthClient, load_public_keys
+
+    for flag, value in (
+        ("--max-lines-per-file", args.max_lines_per_file),
+        ("--manifest-page-size", args.manifest_page_size),
+        ("--token-lifetime", args.token_lifetime),
+    ):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be at least 1")
+    try:
+        faults = Faults.parse(args.fault)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    options: dict[str, Any] = {
+        "max_lines_per_file": args.max_lines_per_file,
+        "manifest_page_size": args.manifest_page_size,
+        "faults": faults,
+    }
+    given = {
+        flag: value
+        for flag, value in (
+            ("--access-token-file", args.access_token_file),
+            ("--client-id", args.client_id),
+            ("--client-secret-file", args.client_secret_file),
+            ("--client-public-key", args.client_public_key),
+            ("--client-key-id", args.client_key_id),
+            ("--token-lifetime", args.token_lifetime),
+        )
+        if value is not None
+    }
+    allowed = {
+        "none": set(),
+        "bearer": {"--access-token-file"},
+        "oauth": set(given) - {"--access-token-file"},
+    }[args.auth]
+    if set(given) - allowed:
+        raise CliError(
+            f"{', '.join(sorted(set(given) - allowed))} do(es) not apply to --auth {args.auth}"
+        )
+    if args.auth == "bearer":
+        if args.access_token_file is None:
+            raise CliError("--auth bearer needs --access-token-file")
+        options["access_token"] = _secret_file("--access-token-file", args.access_token_file)
+    elif args.auth == "oauth":
+        if not args.client_id:
+            raise CliError("--auth oauth needs --client-id")
+        if args.client_secret_file is None and args.client_public_key is None:
+            raise CliError(
+                "--auth oauth needs --client-secret-file (client credentials) and/or "
+                "--client-public-key (a JWKS or PEM public key, for a JWT client assertion)"
+            )
+        if args.client_key_id is not None and args.client_public_key is None:
+            raise CliError("--client-key-id goes with --client-public-key")
+        secret = (
+            _secret_file("--client-secret-file", args.client_secret_file)
+            if args.client_secret_file is not None
+            else None
+        )
+        try:
+            keys = (
+                load_public_keys(Path(args.client_public_key), args.client_key_id)
+                if args.client_public_key is not None
+                else {}
+            )
+            options["oauth_clients"] = [OAuthClient(args.client_id, secret=secret, keys=keys)]
+        except AuthConfigError as error:
+            raise CliError(str(error)) from None
+        options["token_lifetime"] = args.token_lifetime or 300
+    return options
+
+
+def _secret_file(flag: str, name: str) -> str:
+    """The stripped content of a secret file; errors name the file, never its content."""
+    path = Path(name).expanduser()
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise CliError(f"cannot read {flag} {path}: {reason}") from None
+    if not secret:
+        raise CliError(f"{flag} {path} is empty")
+    return secret
 
 
 def cmd_fhir_export(args: argparse.Namespace) -> int:
@@ -78,8 +172,12 @@ def cmd_fhir_export(args: argparse.Namespace) -> int:
             type_filters=tuple(args.type_filter),
             elements=_comma_list(args.elements),
             patients=tuple(args.patient),
+            include_associated_data=tuple(
+                code for value in args.include_associated_data for code in _comma_list(value)
+            ),
             method="POST" if args.post or args.patient else "GET",
             lenient=args.lenient,
+            allow_partial_manifests=args.allow_partial_manifests,
         )
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -297,6 +395,41 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", required=True)
     serve.add_argument("--port", type=int, default=8090)
     serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--max-lines-per-file", type=int, help="split a type's output into files of this size"
+    )
+    serve.add_argument(
+        "--manifest-page-size",
+        type=int,
+        help="output entries per manifest page, for clients sending allowPartialManifests",
+    )
+    serve.add_argument(
+        "--auth",
+        choices=("none", "bearer", "oauth"),
+        default="none",
+        help="none; one fixed bearer token; or OAuth2 client credentials / JWT assertion",
+    )
+    serve.add_argument("--access-token-file", help="--auth bearer: file holding the token")
+    serve.add_argument("--client-id", help="--auth oauth: the registered client id")
+    serve.add_argument(
+        "--client-secret-file",
+        help="--auth oauth: file holding the client secret (client_secret_basic/post)",
+    )
+    serve.add_argument(
+        "--client-public-key",
+        help="--auth oauth: a JWKS JSON or PEM public key file, for private_key_jwt",
+    )
+    serve.add_argument("--client-key-id", help="the kid of a PEM --client-public-key")
+    serve.add_argument(
+        "--token-lifetime", type=int, help="--auth oauth: seconds an access token lives (300)"
+    )
+    serve.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="inject a fault (repeatable), e.g. status_transient=3; see docs/extract.md",
+    )
     serve.set_defaults(handler=cmd_fhir_serve)
     export = fhir_commands.add_parser("export", help="run a Bulk Data $export and download it")
     export.add_argument("--base-url", required=True)
@@ -319,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--patient", action="append", default=[], help="Patient id to export (POST only)"
     )
     export.add_argument("--lenient", action="store_true", help="send Prefer: handling=lenient")
+    export.add_argument(
+        "--include-associated-data",
+        action="append",
+        default=[],
+        help="includeAssociatedData codes, e.g. LatestProvenanceResources (repeatable or comma-separated)",
+    )
+    export.add_argument(
+        "--allow-partial-manifests",
+        action="store_true",
+        help="send allowPartialManifests=true: the server may page the manifest",
+    )
     export.add_argument(
         "--incremental",
         action="store_true",

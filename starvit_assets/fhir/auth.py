@@ -70,6 +70,8 @@ _MAX_RETRY_AFTER = 30.0
 # RFC 6749 error codes are short ASCII words; anything else is not echoed.
 _OAUTH_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _ES384_COORDINATE_BYTES = 48
+# 401 replays per request: enough for a shared token that ran out, never an endless loop.
+_MAX_401_ROUNDS = 3
 
 
 class AuthError(ExportError):
@@ -105,12 +107,15 @@ class _Secret:
     __str__ = __repr__
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Token:
     value: str = field(repr=False)
     refresh_at: float
     expires_at: float
     scope: str | None
+    # Some request got past the server with it: a later 401 means it expired, not that the
+    # server refuses this client's tokens altogether.
+    worked: bool = False
 
 
 # --- small helpers ---------------------------------------------------------------------------
@@ -214,24 +219,31 @@ class _CachedTokenAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         _check_transport("resource request", request.url, self._allow_insecure_http)
         token = self._valid_token()
-        request.headers["Authorization"] = f"Bearer {token.value}"
-        response = yield request
-        if response.status_code != 401:
-            return
-        logger.info(
-            "%s %s answered 401; refreshing the access token and retrying once",
-            request.method,
-            _where(request.url),
-        )
-        token = self._replace_rejected(token)
-        request.headers["Authorization"] = f"Bearer {token.value}"
-        retried = yield request
-        if retried.status_code == 401:
-            logger.warning(
-                "%s %s answered 401 again with a fresh access token; giving up on this request",
+        fetched_here = False
+        # A 401 means the token expired or was revoked early: get a new one and replay. The
+        # new one may run out too before the replay arrives, when parallel requests share it
+        # and the server limits its uses; it then has worked for some of them, and one more
+        # round follows. A token fetched for this request and refused without ever working
+        # means the server refuses this client: the 401 goes back, no loop.
+        for replay in range(_MAX_401_ROUNDS + 1):
+            request.headers["Authorization"] = f"Bearer {token.value}"
+            response = yield request
+            if response.status_code != 401:
+                token.worked = True
+                return
+            if replay == _MAX_401_ROUNDS or (fetched_here and not token.worked):
+                break
+            logger.info(
+                "%s %s answered 401; refreshing the access token and retrying",
                 request.method,
                 _where(request.url),
             )
+            token, fetched_here = self._replace_rejected(token)
+        logger.warning(
+            "%s %s answered 401 again with a fresh access token; giving up on this request",
+            request.method,
+            _where(request.url),
+        )
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -275,13 +287,14 @@ class _CachedTokenAuth(httpx.Auth):
                 token = self._token = self._fetch_token()
             return token
 
-    def _replace_rejected(self, rejected: _Token) -> _Token:
+    def _replace_rejected(self, rejected: _Token) -> tuple[_Token, bool]:
+        """A token other than ``rejected``, and whether this call fetched it."""
         with self._lock:
             if self._token is not None and self._token is not rejected:
                 # Another thread already replaced the rejected token.
-                return self._token
+                return self._token, False
             self._token = self._fetch_token()
-            return self._token
+            return self._token, True
 
     def _fetch_token(self) -> _Token:
         token_url = self._token_url()

@@ -12,23 +12,34 @@ manifest counts equal the lines served.
 Supported kick-off parameters: ``_outputFormat``, ``_since`` (on ``meta.lastUpdated``),
 ``_type``, ``_elements`` (root elements; ``SUBSETTED`` tag), ``patient`` (POST only, not at
 system level), ``_typeFilter`` (``Type?param=value[&...]`` on root elements, codings and
-references, no modifiers or prefixes), ``allowPartialManifests``. ``includeAssociatedData``
-and anything else is refused with 400, or ignored with a warning in ``error[]`` under
-``Prefer: handling=lenient``.
+references, no modifiers or prefixes), ``allowPartialManifests``, ``includeAssociatedData``
+(the IG's two Provenance codes, accepted; the folder holds no Provenance of the server's
+making, so they add nothing). A POST body must give each parameter the IG's ``value[x]``
+(``includeAssociatedData`` a ``valueCode``, ...). Other codes and parameters are refused with
+400, or ignored with a warning in ``error[]`` under ``Prefer: handling=lenient``.
 
 Data folder conventions: ``<Type>.ndjson`` and ``<Type>.<n>.ndjson`` hold resources (served
 as they are: one line is one resource version); ``Group`` resources define groups by
 ``member.entity`` (the group ``all`` always exists and means every patient);
 ``_deleted.ndjson`` holds tombstones ``{"resourceType", "id", "meta": {"lastUpdated"}}``.
 
-``Faults`` injects the failures a production server shows (throttling, transient errors,
-odd Retry-After values, dropped connections, expired files, short files); the default is no
-fault at all, so ``starvit fhir serve`` behaves normally. Logs carry paths and statuses only,
-never resource content.
+Auth is off by default. ``access_token`` requires one fixed bearer token; ``oauth_clients``
+runs an OAuth2 token endpoint (``POST /oauth2/token``: client_credentials with
+client_secret_basic, client_secret_post or a private_key_jwt assertion) with SMART discovery
+at ``[base]/.well-known/smart-configuration`` (``server_auth.py``); its tokens expire after
+``token_lifetime`` seconds.
+
+``Faults`` injects the failures a production server shows (throttling, transient and fatal
+errors at kick-off and while polling, odd Retry-After values, dropped, stalled, slow, expired
+and short files, partial ``error[]``, expiring tokens, a failing token endpoint); the default is
+no fault at all, so ``starvit fhir serve`` behaves normally. Logs carry paths and statuses
+only, never resource content or credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -37,14 +48,23 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlsplit
+
+from starvit_assets.fhir.server_auth import (
+    SMART_CONFIGURATION,
+    TOKEN_PATH,
+    OAuthClient,
+    TokenService,
+)
 
 logger = logging.getLogger("starvit.fhir.server")
 
@@ -72,6 +92,19 @@ _TYPE_FILTER_SPLIT = re.compile(r",(?=[A-Z][A-Za-z]+\?)")
 _PATIENT_REFERENCE_FIELDS = ("subject", "patient", "beneficiary")
 _CHUNK = 64 * 1024
 _MAX_BODY = 1024 * 1024
+_MAX_RECORDED = 100_000  # requests kept for inspection; a long `fhir serve` stays bounded
+# The value[x] each kick-off parameter takes in a POST Parameters body (IG v2.0.0).
+PARAMETER_TYPES = {
+    "_outputFormat": "valueString",
+    "_since": "valueInstant",
+    "_type": "valueString",
+    "_elements": "valueString",
+    "patient": "valueReference",
+    "includeAssociatedData": "valueCode",
+    "_typeFilter": "valueString",
+    "allowPartialManifests": "valueBoolean",
+}
+ASSOCIATED_DATA = {"LatestProvenanceResources", "RelevantProvenanceResources"}
 
 
 def parse_instant(value: str) -> dt.datetime:
@@ -106,23 +139,87 @@ class Faults:
     file_503: int = 0  # file requests answered 503 + Retry-After
     error_codes: tuple[str, ...] = ()  # one OperationOutcome per code in error[]
     since_slack_seconds: float = 0.0  # re-send resources this much older than _since
+    kickoff_transient: int = 0  # kick-offs answered 503 + OperationOutcome "transient"
+    kickoff_fatal: bool = False  # kick-offs answered 500 + "processing": cannot start
+    slow_files: int = 0  # file responses throttled: small chunks with a pause between
+    slow_chunk_bytes: int = 4096
+    slow_chunk_delay: float = 0.02  # seconds between the chunks of a slow file
+    stall_files: int = 0  # file responses that stop half-way for stall_seconds, then close
+    stall_seconds: float = 5.0
+    tokens_expire_after: int | None = None  # requests each access token is good for
+    token_failures: int = 0  # token requests answered token_failure_status
+    token_failure_status: int = 503
+    token_delay: float = 0.0  # seconds each token request takes
+    discovery_without_token_endpoint: bool = False  # a misconfigured smart-configuration
 
     def take(self, name: str) -> bool:
-        left = getattr(self, name)
-        if left > 0:
-            setattr(self, name, left - 1)
-            return True
-        return False
+        with _FAULT_LOCK:
+            left = getattr(self, name)
+            if left > 0:
+                setattr(self, name, left - 1)
+                return True
+            return False
+
+    @classmethod
+    def parse(cls, assignments: Iterable[str]) -> Faults:
+        """Faults from ``NAME=VALUE`` texts (``starvit fhir serve --fault``); ValueError names
+        the bad one."""
+        faults = cls()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for assignment in assignments:
+            name, equals, raw = assignment.partition("=")
+            name = name.strip()
+            if not equals or name not in fields:
+                raise ValueError(
+                    f"unknown fault {name!r}: use NAME=VALUE with NAME one of "
+                    f"{', '.join(sorted(fields))}"
+                )
+            setattr(faults, name, _fault_value(name, str(fields[name].type), raw.strip()))
+        return faults
+
+
+_FAULT_LOCK = threading.Lock()
+
+
+def _fault_value(name: str, kind: str, raw: str) -> Any:
+    try:
+        if kind == "bool":
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if raw.lower() in ("", "none") and "None" in kind:
+            return None
+        if kind.startswith("int"):
+            value: int | float = int(raw)
+        elif kind.startswith("float"):
+            value = float(raw)
+        else:
+            return raw
+    except ValueError:
+        raise ValueError(f"fault {name}: {raw!r} is not a valid {kind}") from None
+    if value < 0:
+        raise ValueError(f"fault {name}: must not be negative")
+    return value
 
 
 @dataclass(frozen=True)
 class ServerRequest:
-    """One request as the server saw it: method, path (no query), status, bearer sent."""
+    """One request as the server saw it: method, path (no query), status, bearer sent.
+
+    Kept in memory for tests (never logged): the headers (lower-case names), a token
+    request's form, and the decoded header and claims of its client assertion.
+    """
 
     method: str
     path: str
     status: int
     authorized: bool
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    form: Mapping[str, str] = field(default_factory=dict, repr=False)
+    assertion_header: Mapping[str, Any] | None = field(default=None, repr=False)
+    assertion_claims: Mapping[str, Any] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -150,10 +247,11 @@ class _State:
     manifest_page_size: int | None
     expires_seconds: float
     access_token: str | None
+    tokens: TokenService | None
     requires_access_token: bool
     faults: Faults
     exports: dict[str, _Export] = field(default_factory=dict)
-    requests: list[ServerRequest] = field(default_factory=list)
+    requests: deque[ServerRequest] = field(default_factory=lambda: deque(maxlen=_MAX_RECORDED))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def source_files(self, resource_type: str) -> list[Path]:
@@ -199,13 +297,34 @@ class _Handler(BaseHTTPRequestHandler):
     state: _State
     base_url: str
     _status_sent = 0
+    _recorded = False
+    _assertion: tuple[Any, Any] = (None, None)
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.command, self.path.split("?")[0])
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._status_sent = code
+        # Recorded before the body goes out, so a test that got its answer sees the record.
+        self._record()
         super().send_response(code, message)
+
+    def _record(self) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        record = ServerRequest(
+            self.command,
+            urlsplit(self.path).path,
+            self._status_sent,
+            "Authorization" in self.headers,
+            headers={name.lower(): value for name, value in self.headers.items()},
+            form=getattr(self, "_form", {}),
+            assertion_header=self._assertion[0],
+            assertion_claims=self._assertion[1],
+        )
+        with self.state.lock:
+            self.state.requests.append(record)
 
     # --- responses ---
     def _json(
@@ -246,20 +365,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- routing ---
     def _bearer_ok(self) -> bool:
+        authorization = self.headers.get("Authorization")
+        tokens = self.state.tokens
+        if tokens is not None:
+            return tokens.accepts(authorization, max_uses=self.state.faults.tokens_expire_after)
         token = self.state.access_token
-        return token is None or self.headers.get("Authorization") == f"Bearer {token}"
+        return token is None or authorization == f"Bearer {token}"
+
+    def _unauthorized(self) -> None:
+        # RFC 6750 3: no error code when no token came; invalid_token for an expired, revoked
+        # or used-up one, without saying which.
+        challenge = 'Bearer error="invalid_token"' if "Authorization" in self.headers else "Bearer"
+        self._error(
+            401, "login", "a valid bearer token is required", {"WWW-Authenticate": challenge}
+        )
 
     def _dispatch(self, handler: Callable[[], None]) -> None:
         self._status_sent = 0
+        self._recorded = False
+        self._form: dict[str, str] = {}
+        self._assertion: tuple[Any, Any] = (None, None)
         try:
             handler()
         finally:
-            path = urlsplit(self.path).path
-            record = ServerRequest(
-                self.command, path, self._status_sent, "Authorization" in self.headers
-            )
-            with self.state.lock:
-                self.state.requests.append(record)
+            self._record()  # a request that failed before any response (status 0)
 
     def do_GET(self) -> None:
         self._dispatch(self._get)
@@ -272,7 +401,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> tuple[str, str] | None:
         url = urlsplit(self.path)
-        if not url.path.startswith(BASE_PATH):
+        if not url.path.startswith(BASE_PATH + "/"):
             self._error(404, "not-found", "unknown path")
             return None
         return url.path[len(BASE_PATH) :], url.query
@@ -291,13 +420,14 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "/metadata":
             self._json(200, _capability_statement())
             return
+        if route == SMART_CONFIGURATION:
+            self._smart_configuration()
+            return
         if route.startswith("/$export-file/"):
             self._file(route.removeprefix("/$export-file/"))
             return
         if not self._bearer_ok():
-            self._error(
-                401, "login", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}
-            )
+            self._unauthorized()
             return
         if self._is_kick_off(route):
             query = parse_qs(raw_query, keep_blank_values=True)
@@ -318,6 +448,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "not-found", "unknown path")
 
     def _post(self) -> None:
+        if urlsplit(self.path).path == TOKEN_PATH:
+            self._token()
+            return
         routed = self._route()
         if routed is None:
             return
@@ -326,9 +459,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "not-found", "unknown path")
             return
         if not self._bearer_ok():
-            self._error(
-                401, "login", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}
-            )
+            self._unauthorized()
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length > _MAX_BODY:
@@ -337,8 +468,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
             query = _parameters_to_query(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        except (json.JSONDecodeError, UnicodeDecodeError):
             self._error(400, "invalid", "the body must be a FHIR Parameters resource")
+            return
+        except ValueError as error:
+            self._error(400, "invalid", f"the body must be a FHIR Parameters resource: {error}")
             return
         # For a POST the IG's manifest.request is the URL without the parameters.
         self._kick_off(route, f"{self.base_url}{route}", query, post=True)
@@ -348,7 +482,7 @@ class _Handler(BaseHTTPRequestHandler):
         if routed is None:
             return
         if not self._bearer_ok():
-            self._error(401, "login", "a valid bearer token is required")
+            self._unauthorized()
             return
         export_id = routed[0].removeprefix("/$export-status/")
         with self.state.lock:
@@ -359,6 +493,63 @@ class _Handler(BaseHTTPRequestHandler):
             export.cancelled = True
         shutil.rmtree(export.folder, ignore_errors=True)
         self._json(202, _operation_outcome("informational", "export cancelled", "information"))
+
+    # --- authorization server ---
+    def _origin(self) -> str:
+        return self.base_url.removesuffix(BASE_PATH)
+
+    def _smart_configuration(self) -> None:
+        tokens = self.state.tokens
+        if tokens is None:
+            # Without OAuth there is nothing to discover (SMART: 404 is the right answer).
+            self._error(404, "not-found", "this server does not use OAuth")
+            return
+        broken = self.state.faults.discovery_without_token_endpoint
+        config = tokens.smart_configuration(self._origin(), without_token_endpoint=broken)
+        payload = json.dumps(config).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _token(self) -> None:
+        tokens = self.state.tokens
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, _MAX_BODY)) if length else b""
+        if tokens is None:
+            self._oauth_json(404, {"error": "not_found"}, {})
+            return
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            try:
+                self._form = dict(parse_qsl(body.decode(), keep_blank_values=True))
+            except UnicodeDecodeError:
+                self._form = {}
+        faults = self.state.faults
+        if faults.take("token_failures"):
+            self._oauth_json(faults.token_failure_status, {"error": "temporarily_unavailable"}, {})
+            return
+        if faults.token_delay:
+            time.sleep(faults.token_delay)
+        # The assertion's aud must name this endpoint, as this client reached it (Host header)
+        # or as the server announces it.
+        audiences = {self._origin() + TOKEN_PATH}
+        if self.headers.get("Host"):
+            audiences.add(f"http://{self.headers['Host']}{TOKEN_PATH}")
+        outcome = tokens.token(headers, self._form, audiences)
+        self._assertion = (outcome.assertion_header, outcome.assertion_claims)
+        self._oauth_json(outcome.status, outcome.body, outcome.headers)
+
+    def _oauth_json(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
 
     # --- operations ---
     def _kick_off(
@@ -374,6 +565,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "an export is already running",
                 {"Retry-After": self._retry_after()},
             )
+            return
+        if self.state.faults.take("kickoff_transient"):
+            self._error(503, "transient", "try again later", {"Retry-After": self._retry_after()})
+            return
+        if self.state.faults.kickoff_fatal:
+            self._error(500, "processing", "the export could not be started")
             return
         lenient = "handling=lenient" in self.headers.get("Prefer", "")
         try:
@@ -466,8 +663,11 @@ class _Handler(BaseHTTPRequestHandler):
             if "." in name or not name:
                 raise _KickOffError(400, "invalid", "_elements takes root elements only")
             elements.setdefault(resource_type or "*", set()).add(name)
-        if query.get("includeAssociatedData"):
-            refuse("not-supported", "includeAssociatedData is not supported (no Provenance)")
+        for value in _split(query.get("includeAssociatedData", [])):
+            # The folder holds no Provenance of its own making, so a supported value adds
+            # nothing; custom (_-prefixed) and unknown values are refused, as the IG asks.
+            if value not in ASSOCIATED_DATA:
+                refuse("not-supported", f"includeAssociatedData value {value} is not supported")
         type_filters = _parse_type_filters(query.get("_typeFilter", []))
         allow_partial = query.get("allowPartialManifests", ["false"])[0].lower() == "true"
         level_patients = self._level_patients(route)
@@ -572,7 +772,7 @@ class _Handler(BaseHTTPRequestHandler):
             "transactionTime": export.transaction_time,
             "request": export.request,
             "requiresAccessToken": bool(
-                self.state.access_token and self.state.requires_access_token
+                (self.state.access_token or self.state.tokens) and self.state.requires_access_token
             ),
             "output": export.outputs[(page - 1) * size : page * size],
             "deleted": export.deleted if page == 1 else [],
@@ -596,9 +796,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "not-found", "no such file")
             return
         if self.state.requires_access_token and not self._bearer_ok():
-            self._error(
-                401, "login", "a valid bearer token is required", {"WWW-Authenticate": "Bearer"}
-            )
+            self._unauthorized()
             return
         path = export.folder / name
         if not path.is_file():
@@ -622,9 +820,25 @@ class _Handler(BaseHTTPRequestHandler):
                 lines = handle.readlines()
             self._send_ndjson_bytes(b"".join(lines[:-1]))
             return
+        if faults.take("stall_files"):
+            self._send_file(path, drop=True, stall=faults.stall_seconds)
+            return
+        if faults.take("slow_files"):
+            self._send_file(
+                path, chunk=max(1, faults.slow_chunk_bytes), pause=faults.slow_chunk_delay
+            )
+            return
         self._send_file(path, drop=faults.take("drop_connection"))
 
-    def _send_file(self, path: Path, *, drop: bool = False) -> None:
+    def _send_file(
+        self,
+        path: Path,
+        *,
+        drop: bool = False,
+        stall: float = 0.0,
+        chunk: int = _CHUNK,
+        pause: float = 0.0,
+    ) -> None:
         size = path.stat().st_size
         self.send_response(200)
         self.send_header("Content-Type", "application/fhir+ndjson")
@@ -632,13 +846,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         with path.open("rb") as handle:
             if drop:
-                # Half the promised bytes, then a closed socket: what a proxy timeout does.
+                # Half the promised bytes, then (after a stall, if any) a closed socket:
+                # what a proxy timeout or a hung storage backend does.
                 self.wfile.write(handle.read(max(1, size // 2)))
                 self.wfile.flush()
+                time.sleep(stall)
                 self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            _copy(handle, self.wfile)
+            while block := handle.read(chunk):
+                self.wfile.write(block)
+                if pause:
+                    # A throttled link: each pause stays below the client's read timeout.
+                    self.wfile.flush()
+                    time.sleep(pause)
 
     def _send_ndjson_bytes(self, body: bytes) -> None:
         self.send_response(200)
@@ -686,6 +908,9 @@ def _parameters_to_query(body: Any) -> dict[str, list[str]]:
         value: Any = None
         for key, candidate in parameter.items():
             if key.startswith("value"):
+                expected = PARAMETER_TYPES.get(parameter["name"], key)
+                if key != expected:
+                    raise ValueError(f"{parameter['name']} takes {expected}, not {key}")
                 value = candidate
         if isinstance(value, dict):
             value = value.get("reference")
@@ -906,11 +1131,6 @@ class _SplitWriter:
         return [(name, count) for name, count in self._files if count]
 
 
-def _copy(source: BinaryIO, target: Any) -> None:
-    while chunk := source.read(_CHUNK):
-        target.write(chunk)
-
-
 def _filter_into(sources: list[Path], target: Path | None, since: dt.datetime | None) -> int:
     """Copy (or only count) the lines updated after ``since``; returns the count."""
     count = 0
@@ -960,8 +1180,18 @@ def _capability_statement() -> dict[str, Any]:
     }
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    # The default backlog of 5 drops connections under parallel downloads and token
+    # requests; the kernel then retries the SYN only after a second.
+    request_queue_size = 64
+    daemon_threads = True
+
+
 class BulkDataServer:
-    """The server; ``faults``, ``access_token`` and paging are test knobs, off by default."""
+    """The server. Auth is off by default; ``access_token`` turns on one fixed bearer token,
+    ``oauth_clients`` the OAuth2 token endpoint (``/oauth2/token``) and SMART discovery, its
+    tokens living ``token_lifetime`` seconds (None: no ``expires_in``, no expiry by time).
+    ``faults`` and paging are off by default too."""
 
     def __init__(
         self,
@@ -975,9 +1205,25 @@ class BulkDataServer:
         manifest_page_size: int | None = None,
         expires_seconds: float = 3600.0,
         access_token: str | None = None,
+        oauth_clients: Iterable[OAuthClient] | None = None,
+        token_lifetime: int | None = 300,
+        signing_algs: tuple[str, ...] = ("RS384", "ES384"),
+        token_clock: Callable[[], float] = time.monotonic,
         requires_access_token: bool = True,
         faults: Faults | None = None,
     ) -> None:
+        if access_token is not None and oauth_clients is not None:
+            raise ValueError("choose a fixed access_token or oauth_clients, not both")
+        tokens = (
+            TokenService(
+                list(oauth_clients),
+                token_lifetime=token_lifetime,
+                signing_algs=signing_algs,
+                clock=token_clock,
+            )
+            if oauth_clients is not None
+            else None
+        )
         self._work = Path(tempfile.mkdtemp(prefix="starvit-bulk-"))
         self._state = _State(
             data_dir=Path(data_dir),
@@ -988,14 +1234,14 @@ class BulkDataServer:
             manifest_page_size=manifest_page_size,
             expires_seconds=expires_seconds,
             access_token=access_token,
+            tokens=tokens,
             requires_access_token=requires_access_token,
             faults=faults or Faults(),
         )
         handler: type[_Handler] = type(
             "Handler", (_Handler,), {"state": self._state, "base_url": ""}
         )
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer((host, port), handler)
         bound_host, bound_port = self._httpd.server_address[:2]
         handler.base_url = f"http://{bound_host!s}:{bound_port}{BASE_PATH}"
         self._handler = handler
@@ -1004,6 +1250,32 @@ class BulkDataServer:
     @property
     def base_url(self) -> str:
         return str(self._handler.base_url)
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url.removesuffix(BASE_PATH) + TOKEN_PATH
+
+    @property
+    def auth_mode(self) -> str:
+        if self._state.tokens is not None:
+            return "oauth"
+        return "bearer" if self._state.access_token else "none"
+
+    def _token_service(self) -> TokenService:
+        if self._state.tokens is None:
+            raise ValueError("this server was started without oauth_clients")
+        return self._state.tokens
+
+    def add_client(self, client: OAuthClient) -> None:
+        self._token_service().add_client(client)
+
+    def revoke_tokens(self) -> None:
+        """Forget every issued token, as a server restart or a key rotation does."""
+        self._token_service().revoke_all()
+
+    @property
+    def token_requests(self) -> list[ServerRequest]:
+        return [r for r in self.requests if r.path == TOKEN_PATH]
 
     @property
     def faults(self) -> Faults:
@@ -1024,7 +1296,10 @@ class BulkDataServer:
 
     def start(self) -> None:
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="bulk-data-server", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},  # a quick stop() keeps test teardown short
+            name="bulk-data-server",
+            daemon=True,
         )
         self._thread.start()
 

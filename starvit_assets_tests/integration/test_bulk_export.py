@@ -8,6 +8,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,24 +287,47 @@ def test_type_filter_and_elements(source: tuple[Path, dict[str, int]], tmp_path:
     assert all(any(tag["code"] == "SUBSETTED" for tag in p["meta"]["tag"]) for p in patients)
 
 
-def test_include_associated_data_is_refused_unless_lenient(
+def test_include_associated_data_is_sent_as_value_code_and_unknown_values_refused(
     source: tuple[Path, dict[str, int]], tmp_path: Path
 ) -> None:
-    request = ExportRequest(
-        types=("Patient",), include_associated_data=("LatestProvenanceResources",)
+    posted = ExportRequest(
+        types=("Patient",), include_associated_data=("LatestProvenanceResources",), method="POST"
     )
+    custom = dataclasses.replace(posted, include_associated_data=("_CustomBundle",))
     with BulkDataServer(source[0], retry_after_seconds=0) as server:
         client = BulkDataClient(server.base_url, config=FAST)
+        # The server refuses any other value[x] than valueCode for includeAssociatedData,
+        # so an accepted POST proves the client's encoding.
+        by_post = client.export(tmp_path / "post", request=posted)
+        by_get = client.export(tmp_path / "get", request=dataclasses.replace(posted, method="GET"))
         with pytest.raises(
             ExportError,
             match=r"kick-off failed: HTTP 400 \(OperationOutcome issue codes: not-supported\)",
         ):
-            client.export(tmp_path / "strict", request=request)
+            client.export(tmp_path / "strict", request=custom)
         lenient = client.export(
             tmp_path / "lenient",
-            request=dataclasses.replace(request, lenient=True),
+            request=dataclasses.replace(custom, lenient=True),
             fail_on_errors=True,  # a warning is not an error
         )
+        as_string = httpx.post(
+            server.base_url + "/$export",
+            json={
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "includeAssociatedData", "valueString": "LatestProvenanceResources"}
+                ],
+            },
+            headers={"Prefer": "respond-async"},
+        )
+    assert posted.parameters_resource()["parameter"][-1] == {
+        "name": "includeAssociatedData",
+        "valueCode": "LatestProvenanceResources",
+    }
+    assert by_post.counts == by_get.counts == {"Patient": source[1]["Patient"]}
+    assert by_post.error_outcomes == 0
+    assert as_string.status_code == 400
+    assert "includeAssociatedData takes valueCode, not valueString" in as_string.text
     assert lenient.counts == {"Patient": source[1]["Patient"]}
     assert lenient.error_outcomes == 1
     assert lenient.error_issue_counts == {"not-supported": 1}
@@ -572,3 +598,78 @@ def test_cli_refuses_contradictory_export_options(
     )
     assert code == 2
     assert "--incremental needs --state-dir" in capsys.readouterr().err
+
+
+def test_cli_sends_associated_data_and_follows_a_paged_manifest(
+    source: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    common = ["fhir", "export", "--out", str(tmp_path / "o"), "--post", "--base-url"]
+    flags = ["--allow-partial-manifests", "--include-associated-data"]
+    with BulkDataServer(
+        source[0], retry_after_seconds=0, max_lines_per_file=25, manifest_page_size=2
+    ) as server:
+        # The server takes includeAssociatedData only as valueCode in a POST body.
+        code = main([*common, server.base_url, *flags, "LatestProvenanceResources"])
+        pages = [r.path for r in server.requests if "$export-manifest" in r.path]
+        refused = main([*common, server.base_url, *flags, "_NotAStandardCode"])
+    assert code == 0
+    assert len(pages) >= 2  # allowPartialManifests=true reached the server: it paged
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert sum(item["count"] for item in manifest["output"]) == sum(source[1].values())
+    assert refused == 2
+    err = capsys.readouterr().err
+    assert "kick-off failed: HTTP 400 (OperationOutcome issue codes: not-supported)" in err
+
+
+def test_fhir_serve_command_serves_with_oauth_paging_and_faults(
+    source: tuple[Path, dict[str, int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("serve-secret-0dd")
+    command = [
+        sys.executable, "-m", "starvit_assets.cli", "fhir", "serve", "--data", str(source[0]),
+        "--port", "0", "--max-lines-per-file", "30", "--manifest-page-size", "3",
+        "--auth", "oauth", "--client-id", "cli-client",
+        "--client-secret-file", str(secret_file), "--token-lifetime", "60",
+        "--fault", "status_transient=1", "--fault", "tokens_expire_after=4",
+        "--fault", "error_codes=processing",
+    ]  # fmt: skip
+    served = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert served.stdout is not None
+        banner = [served.stdout.readline() for _ in range(3)]
+        base_url = banner[2].removeprefix("base URL: ").strip()
+        token_url = banner[1].removeprefix("token endpoint: ").strip()
+        assert "auth: oauth" in banner[0] and token_url.endswith("/oauth2/token")
+        for name, value in {
+            "STARVIT_FHIR_AUTH": "client_credentials",
+            "STARVIT_FHIR_CLIENT_ID": "cli-client",
+            "STARVIT_FHIR_CLIENT_SECRET_FILE": str(secret_file),
+            "STARVIT_FHIR_TOKEN_URL": token_url,
+            "STARVIT_FHIR_STATE_DIR": str(tmp_path / "state"),
+            "STARVIT_FHIR_MAX_RETRY_AFTER": "0.1",
+        }.items():
+            monkeypatch.setenv(name, value)
+        out = tmp_path / "o"
+        code = main(["fhir", "export", "--base-url", base_url, "--out", str(out),
+                     "--allow-partial-manifests"])  # fmt: skip
+        unauthorized = httpx.get(base_url + "/Patient")
+    finally:
+        served.send_signal(signal.SIGINT)  # the server's own Ctrl-C path cleans up
+        served.wait(timeout=10)
+    assert code == 0, capsys.readouterr().err
+    assert unauthorized.status_code == 401
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["requiresAccessToken"] is True and manifest["error"]
+    assert len({item["type"] for item in manifest["output"]}) == len(source[1])
+    totals: dict[str, int] = {}
+    for item in manifest["output"]:
+        totals[item["type"]] = totals.get(item["type"], 0) + item["count"]
+    assert totals == source[1]
+    assert max(item["count"] for item in manifest["output"]) <= 30
+    assert served.stderr is not None and "serve-secret-0dd" not in served.stderr.read()

@@ -1,15 +1,19 @@
 """The client against the local server's injected faults, over real HTTP.
 
-Every fault a production Bulk Data server shows (throttling, transient errors, odd
-Retry-After values, dropped connections, expired or short files) must end either in a
-complete export whose files match the manifest counts, or in one clear ExportError; an
-interrupted run must resume the same export without downloading finished files again.
+Every fault a production Bulk Data server shows (throttling, transient errors at kick-off and
+while polling, odd Retry-After values, dropped, stalled, slow, expired or short files, partial
+``error[]``, expiring access tokens, a failing token endpoint) must end either in a complete
+export whose files match the manifest counts, or in one clear ExportError naming the step and
+the status; an interrupted run must resume the same export without downloading finished files
+again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
+import logging
 import os
 import re
 import time
@@ -18,11 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from starvit_assets.cli import EXIT_USER_ERROR, main
+from starvit_assets.fhir.auth import (
+    ClientCredentialsAuth,
+    PrivateKey,
+    SmartBackendAuth,
+    TokenAuthMethod,
+)
 from starvit_assets.fhir.client import BulkDataClient, ExportConfig, ExportProgress, ExportRequest
 from starvit_assets.fhir.errors import ExportError
 from starvit_assets.fhir.server import BulkDataServer, Faults, ServerRequest
+from starvit_assets.fhir.server_auth import OAuthClient
 from starvit_assets.fhir.synth import generate
 
 FAST = ExportConfig(
@@ -43,6 +56,7 @@ FAST_ENV = {
 LINES_PER_FILE = 20
 COUNTERS = {
     "kickoff_429",
+    "kickoff_transient",
     "status_429",
     "status_transient",
     "drop_connection",
@@ -50,13 +64,36 @@ COUNTERS = {
     "truncate",
     "expired_exports",
     "file_503",
+    "slow_files",
+    "stall_files",
+    "token_failures",
 }
+# Settings of a fault rather than faults: they shape one named in the same row.
+FAULT_SETTINGS = {
+    "healthy_files",
+    "slow_chunk_bytes",
+    "slow_chunk_delay",
+    "stall_seconds",
+    "token_failure_status",
+}
+CLIENT_ID = "bulk-client"
+SECRET = "cli3nt:secret/with+odd&chars"
+KEY_ID = "kid-1"
+SINCE = "2025-06-01T00:00:00Z"
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
     folder = tmp_path_factory.mktemp("source")
     return folder, generate(folder, patients=8, seed=11)
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, PrivateKey]:
+    return {
+        "RS384": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ES384": ec.generate_private_key(ec.SECP384R1()),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -115,22 +152,58 @@ def _kick_offs(requests: list[ServerRequest]) -> list[ServerRequest]:
     return [r for r in requests if r.path.endswith("/$export")]
 
 
-FAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    # name: (Faults fields, BulkDataServer arguments)
-    "429 at kick-off": ({"kickoff_429": 2}, {}),
-    "429 while polling": ({"status_429": 3}, {}),
-    "transient 503 while polling": ({"status_transient": 3}, {}),
-    "absurd Retry-After": ({"retry_after": "99999999999"}, {"polls_before_ready": 2}),
-    "Retry-After as an HTTP date": ({"retry_after_date_in": 3600}, {"polls_before_ready": 2}),
-    "slow polling with X-Progress": ({}, {"polls_before_ready": 6, "retry_after_seconds": 0}),
-    "connection dropped mid-download": ({"drop_connection": 3}, {}),
-    "410 on a file the first time": ({"gone": 1}, {}),
-    "manifest already expired": ({"expired_exports": 1}, {}),
-    "wrong line count": ({"truncate": 3}, {}),
-    "503 on files": ({"file_503": 3}, {}),
-    "everything at once": (
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of the CLI matrix: the faults, server arguments, client auth and environment."""
+
+    faults: dict[str, Any]
+    server: dict[str, Any] = dataclasses.field(default_factory=dict)
+    auth: str | None = None  # client_secret_basic, client_secret_post, RS384 or ES384
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    args: tuple[str, ...] = ()
+
+
+TOKEN_EXPIRY = {"tokens_expire_after": 4}
+FAULTS: dict[str, Case] = {
+    "429 at kick-off": Case({"kickoff_429": 2}),
+    "transient 503 at kick-off": Case({"kickoff_transient": 2}),
+    "429 while polling": Case({"status_429": 3}),
+    "transient 503 while polling": Case({"status_transient": 3}),
+    "absurd Retry-After": Case({"retry_after": "99999999999"}, {"polls_before_ready": 2}),
+    "Retry-After as an HTTP date": Case({"retry_after_date_in": 3600}, {"polls_before_ready": 2}),
+    "slow polling with X-Progress": Case({}, {"polls_before_ready": 6, "retry_after_seconds": 0}),
+    "connection dropped mid-download": Case({"drop_connection": 3}),
+    "slow downloads within the read timeout": Case(
+        {"slow_files": 3, "slow_chunk_bytes": 4096, "slow_chunk_delay": 0.2},
+        env={"STARVIT_FHIR_READ_TIMEOUT": "2"},
+    ),
+    "a download stalls past the read timeout": Case(
+        {"stall_files": 1, "stall_seconds": 3.0, "healthy_files": 2},
+        env={"STARVIT_FHIR_READ_TIMEOUT": "1"},
+    ),
+    "410 on a file the first time": Case({"gone": 1}),
+    "manifest already expired": Case({"expired_exports": 1}),
+    "wrong line count": Case({"truncate": 3}),
+    "503 on files": Case({"file_503": 3}),
+    "partial error[]": Case({"error_codes": ("processing", "not-found")}),
+    "resources re-sent from before _since": Case(
+        {"since_slack_seconds": 86_400 * 30}, args=("--since", SINCE)
+    ),
+    "token expiry, client_secret_basic": Case(
+        TOKEN_EXPIRY, {"token_lifetime": 2}, auth="client_secret_basic"
+    ),
+    "token expiry, client_secret_post": Case(TOKEN_EXPIRY, auth="client_secret_post"),
+    "token expiry, SMART RS384": Case(TOKEN_EXPIRY, auth="RS384"),
+    "token expiry, SMART ES384, slow token endpoint": Case(
+        {**TOKEN_EXPIRY, "token_delay": 0.2}, auth="ES384"
+    ),
+    "token endpoint 503": Case(
+        {"token_failures": 2, "token_failure_status": 503}, auth="client_secret_basic"
+    ),
+    "everything at once": Case(
         {
             "kickoff_429": 1,
+            "kickoff_transient": 1,
             "status_429": 1,
             "status_transient": 1,
             "retry_after": "99999999999",
@@ -138,29 +211,229 @@ FAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "truncate": 1,
             "file_503": 1,
             "gone": 1,
+            "slow_files": 1,
+            "error_codes": ("processing",),
+            "tokens_expire_after": 5,
         },
         {"polls_before_ready": 2},
+        auth="client_secret_post",
+    ),
+}
+# Faults no client can ride out: each must end in one clear line naming the step and status.
+FATAL: dict[str, tuple[Case, str]] = {
+    "kick-off fails for good": (
+        Case({"kickoff_fatal": True}),
+        r"kick-off failed: HTTP 500 \(OperationOutcome issue codes: processing\)",
+    ),
+    "the export fails": (
+        Case({"status_fatal": True}),
+        r"status failed: HTTP 500 \(OperationOutcome issue codes: processing\)",
+    ),
+    "a download stalls every time": (
+        Case(
+            {"stall_files": 1000, "stall_seconds": 2.0},
+            env={"STARVIT_FHIR_READ_TIMEOUT": "1", "STARVIT_FHIR_DOWNLOAD_ATTEMPTS": "2"},
+        ),
+        r"download of \S+ \(\w+\) failed after 2 attempt\(s\): ReadTimeout",
+    ),
+    "every token is refused": (
+        Case({"tokens_expire_after": 0}, auth="client_secret_basic"),
+        r"kick-off failed: HTTP 401 \(OperationOutcome issue codes: login\)",
+    ),
+    "the token endpoint stays down": (
+        Case({"token_failures": 1000, "token_failure_status": 502}, auth="client_secret_post"),
+        r"token request \(client_credentials, client_secret_post\): POST \S+/oauth2/token "
+        r"returned HTTP 502",
+    ),
+    "discovery without a token endpoint": (
+        Case({"discovery_without_token_endpoint": True}, auth="ES384"),
+        r"SMART discovery: \S+/\.well-known/smart-configuration has no absolute token_endpoint",
     ),
 }
 
 
+def _serve(source: Path, case: Case, keys: dict[str, PrivateKey]) -> BulkDataServer:
+    server_args: dict[str, Any] = {"max_lines_per_file": LINES_PER_FILE, **case.server}
+    if case.auth is not None:
+        public = {KEY_ID: keys[case.auth].public_key()} if case.auth in keys else {}
+        server_args["oauth_clients"] = [OAuthClient(CLIENT_ID, secret=SECRET, keys=public)]
+    return BulkDataServer(source, faults=Faults(**case.faults), **server_args)
+
+
+def _auth_env(
+    case: Case, server: BulkDataServer, keys: dict[str, PrivateKey], folder: Path
+) -> dict[str, str]:
+    """What `starvit fhir export` reads: the STARVIT_FHIR_* auth settings, secrets in files."""
+    if case.auth is None:
+        return {}
+    if case.auth.startswith("client_secret"):
+        secret_file = folder / "client_secret"
+        secret_file.write_text(SECRET)
+        return {
+            "STARVIT_FHIR_AUTH": "client_credentials",
+            "STARVIT_FHIR_CLIENT_ID": CLIENT_ID,
+            "STARVIT_FHIR_CLIENT_SECRET_FILE": str(secret_file),
+            "STARVIT_FHIR_TOKEN_URL": server.token_url,
+            "STARVIT_FHIR_TOKEN_AUTH_METHOD": case.auth,
+        }
+    key_file = folder / "key.pem"
+    key_file.write_bytes(
+        keys[case.auth].private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return {
+        "STARVIT_FHIR_AUTH": "smart_backend",
+        "STARVIT_FHIR_CLIENT_ID": CLIENT_ID,
+        "STARVIT_FHIR_PRIVATE_KEY_FILE": str(key_file),
+        "STARVIT_FHIR_KEY_ID": KEY_ID,
+        "STARVIT_FHIR_SIGNING_ALG": case.auth,
+    }
+
+
+def _run_cli(
+    source: Path,
+    case: Case,
+    keys: dict[str, PrivateKey],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[int, BulkDataServer, Path]:
+    out = tmp_path / "out"
+    with _serve(source, case, keys) as server:
+        for name, value in {**case.env, **_auth_env(case, server, keys, tmp_path)}.items():
+            monkeypatch.setenv(name, value)
+        code = main(
+            ["fhir", "export", "--base-url", server.base_url, "--out", str(out), *case.args]
+        )
+    return code, server, out
+
+
+def _changed_counts(source: Path, since: dt.datetime) -> dict[str, int]:
+    """Resources per type updated after ``since``: what a fault-free _since export holds."""
+    counts: dict[str, int] = {}
+    for path in source.glob("*.ndjson"):
+        for line in path.read_text().splitlines():
+            resource = json.loads(line)
+            updated = dt.datetime.fromisoformat(resource["meta"]["lastUpdated"])
+            if updated > since:
+                counts[resource["resourceType"]] = counts.get(resource["resourceType"], 0) + 1
+    return counts
+
+
+def test_every_fault_is_in_the_cli_matrix() -> None:
+    rows = [*FAULTS.values(), *(case for case, _ in FATAL.values())]
+    covered = {name for case in rows for name in case.faults}
+    every = {f.name for f in dataclasses.fields(Faults)}
+    assert every - FAULT_SETTINGS - covered == set()
+
+
 @pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
 def test_cli_export_matches_every_manifest_count_under_fault(
-    source: tuple[Path, dict[str, int]], tmp_path: Path, fault: str
+    source: tuple[Path, dict[str, int]],
+    keys: dict[str, PrivateKey],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fault: str,
 ) -> None:
-    fields, server_args = FAULTS[fault]
-    out = tmp_path / "out"
+    case = FAULTS[fault]
     started = time.monotonic()
-    with BulkDataServer(
-        source[0], max_lines_per_file=LINES_PER_FILE, faults=Faults(**fields), **server_args
-    ) as server:
-        code = main(["fhir", "export", "--base-url", server.base_url, "--out", str(out)])
-        left = server.faults
-    assert code == 0
-    _assert_manifest_matches_disk(out, source[1])
+    code, server, out = _run_cli(source[0], case, keys, tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    expected = source[1]
+    if "--since" in case.args:
+        since = dt.datetime.fromisoformat(SINCE)
+        slack = dt.timedelta(seconds=case.faults["since_slack_seconds"])
+        expected = _changed_counts(source[0], since - slack)
+        assert expected != _changed_counts(source[0], since)  # the slack re-sent something
+    _assert_manifest_matches_disk(out, expected)
     # Every injected fault fired (counters at zero): the test exercised what it names.
-    assert all(getattr(left, name) == 0 for name in fields if name in COUNTERS)
-    assert time.monotonic() - started < 20  # capped waits, not the server's absurd hints
+    assert all(getattr(server.faults, name) == 0 for name in case.faults if name in COUNTERS)
+    seen = server.requests
+    if "tokens_expire_after" in case.faults:
+        assert any(r.status == 401 for r in seen)  # a token ran out mid-export ...
+        assert len(server.token_requests) >= 2  # ... and a fresh one carried on
+        assert all(r.authorized for r in seen if "$export-file" in r.path)
+    if "error_codes" in case.faults:
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["error"] and (out / "_error.1.ndjson").is_file()
+    if "stall_files" in case.faults:
+        fetched = _file_gets(seen)
+        assert len(fetched) > len(set(fetched))  # the stalled file was fetched again
+    assert SECRET not in err and "Traceback" not in err
+    assert time.monotonic() - started < 30  # capped waits, not the server's absurd hints
+
+
+@pytest.mark.parametrize("fault", list(FATAL), ids=list(FATAL))
+def test_cli_export_fails_clearly_under_fatal_fault(
+    source: tuple[Path, dict[str, int]],
+    keys: dict[str, PrivateKey],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fault: str,
+) -> None:
+    case, message = FATAL[fault]
+    code, _server, out = _run_cli(source[0], case, keys, tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("starvit: error: ") and re.search(message, last), last
+    assert "Traceback" not in err and SECRET not in err
+    assert not list(out.glob("*.part"))
+
+
+@pytest.mark.parametrize(
+    "auth_kind", ["client_secret_basic", "client_secret_post", "RS384", "ES384"]
+)
+def test_client_export_refreshes_expiring_tokens_during_polls_and_downloads(
+    source: tuple[Path, dict[str, int]],
+    keys: dict[str, PrivateKey],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    auth_kind: str,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # Two-second tokens over a poll of about three seconds, each good for three requests (more
+    # than the other download threads can use at once): the token is replaced while polling
+    # (by the clock or after a 401) and after 401s while downloading.
+    case = Case(
+        {"tokens_expire_after": 3},
+        {"polls_before_ready": 4, "retry_after_seconds": 1, "token_lifetime": 2},
+        auth=auth_kind,
+    )
+    config = dataclasses.replace(FAST, max_retry_after=0.7)
+    with _serve(source[0], case, keys) as server:
+        auth: ClientCredentialsAuth | SmartBackendAuth
+        if auth_kind in keys:
+            auth = SmartBackendAuth(server.base_url, CLIENT_ID, keys[auth_kind], KEY_ID)
+        else:
+            method: TokenAuthMethod = (
+                "client_secret_basic"
+                if auth_kind == "client_secret_basic"
+                else "client_secret_post"
+            )
+            auth = ClientCredentialsAuth(server.token_url, CLIENT_ID, SECRET, method=method)
+        with auth, BulkDataClient(server.base_url, config=config, auth=auth) as client:
+            result = client.export(tmp_path / "out")
+        seen = server.requests
+    assert result.counts == source[1]
+    _assert_manifest_matches_disk(tmp_path / "out", source[1])
+    assert result.manifest["requiresAccessToken"] is True
+    assert all(r.authorized for r in seen if "$export-file" in r.path)
+    tokens = [r for r in seen if r.path == "/oauth2/token"]
+    assert len(tokens) >= 3 and all(r.status == 200 for r in tokens)
+    assert any(r.status == 401 and "$export-file" in r.path for r in seen)
+    polls = [i for i, r in enumerate(seen) if "$export-status" in r.path and r.method == "GET"]
+    assert any(seen[i].path == "/oauth2/token" for i in range(polls[0], polls[-1]))
+    bearers = {r.headers["authorization"] for r in seen if "authorization" in r.headers}
+    secrets = [SECRET, *(value.split(" ", 1)[1] for value in bearers)]
+    secrets += [r.form["client_assertion"] for r in tokens if "client_assertion" in r.form]
+    for secret in secrets:
+        assert secret not in caplog.text
 
 
 def test_gone_files_re_kick_the_export_and_cancel_the_old_one(
