@@ -72,5 +72,9 @@ def raw_warehouse(settings: StarvitSettings, warehouse_dsn: str) -> Iterator[Raw
     if settings.warehouse_target == WarehouseTarget.BIGQUERY:
         yield BigQueryRawWarehouse(settings)
         return
-    with psycopg.connect(warehouse_dsn) as connection:
+    # Autocommit: each load_partition's transaction() is then a real transaction, committed
+    # on its own. Without it the first row-count query opens a transaction that every
+    # partition's transaction() only nests in as a savepoint, so a refused partition N
+    # would undo partitions 1..N-1 as well.
+    with psycopg.connect(warehouse_dsn, autocommit=True) as connection:
         yield PostgresRawWarehouse(connection, settings.raw_schema)
