@@ -37,6 +37,8 @@ from starvit_assets.settings import (
 )
 
 DBT_DOCS_PORT = 8580
+# `starvit dbt docs` generates here, apart from the prepared manifest in dbt_project/target.
+DBT_DOCS_TARGET_DIR = DBT_PROJECT_DIR / "target" / "docs"
 DBT_INDIRECT_SELECTION = "DBT_INDIRECT_SELECTION"
 LAYERS = ("staging", "refined", "derived")
 
