@@ -302,17 +302,28 @@ def prepare_dbt_manifest() -> None:
 
 
 def cmd_dbt_docs(args: argparse.Namespace) -> int:
-    """Generate the dbt docs (the data dictionary) against the warehouse and serve them."""
+    """Generate the dbt docs (the data dictionary) against the warehouse and serve them.
+
+    The docs get their own target path: ``dbt docs generate`` writes a manifest.json too, and
+    in dbt_project/target it would replace the prepared manifest Dagster loads."""
     import subprocess
 
     from starvit_assets import platform
-    from starvit_assets.defs.dbt import DBT_DOCS_PORT
+    from starvit_assets.defs.dbt import DBT_DOCS_PORT, DBT_DOCS_TARGET_DIR
 
     settings = load_settings()
     platform.ensure_dirs(settings)
     platform.activate(settings)
-    common = ["--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    common = [
+        "--project-dir",
+        str(DBT_PROJECT_DIR),
+        "--profiles-dir",
+        str(DBT_PROJECT_DIR),
+        "--target-path",
+        str(DBT_DOCS_TARGET_DIR),
+    ]
     subprocess.run([dbt_executable(), "docs", "generate", *common], check=True)
+    print(f"dbt docs generated in {DBT_DOCS_TARGET_DIR}")
     if args.no_serve:
         return 0
     print(f"dbt docs on http://127.0.0.1:{DBT_DOCS_PORT} (Ctrl-C to stop)")

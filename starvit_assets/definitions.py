@@ -29,7 +29,7 @@ from starvit_assets.defs.deletions import DELETION_ASSETS
 from starvit_assets.defs.extract import fhir_export
 from starvit_assets.defs.graph import tigergraph_load
 from starvit_assets.defs.linkage import person_patient_map
-from starvit_assets.defs.resources import PlatformResource
+from starvit_assets.defs.resources import PlatformResource, bigquery_resource, gcs_resource
 from starvit_assets.defs.retention import RETENTION_DEFS
 from starvit_assets.defs.subscriptions import medplum_subscription_events
 from starvit_assets.defs.terminology import terminology_code_validation
@@ -167,7 +167,9 @@ def build_definitions() -> dg.Definitions:
             *OPENLINEAGE_SENSORS,
         ],
         resources={
-            "platform": PlatformResource(),
+            "platform": PlatformResource(
+                bigquery=bigquery_resource(settings), gcs=gcs_resource(settings)
+            ),
             "dbt": dbt_resource(settings.warehouse_target.value),
         },
     )

@@ -29,9 +29,16 @@ from starvit_assets.clinical.terminology import BODY_MEASURES
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.warehouse import raw_contract, warehouse_raw_key
 from starvit_assets.lineage import TableLineage, shipped_lineage, staging_model_name
-from starvit_assets.settings import DBT_PROJECT_DIR, dbt_executable, load_settings
+from starvit_assets.settings import (
+    DBT_PROJECT_DIR,
+    WarehouseTarget,
+    dbt_executable,
+    load_settings,
+)
 
 DBT_DOCS_PORT = 8580
+# `starvit dbt docs` generates here, apart from the prepared manifest in dbt_project/target.
+DBT_DOCS_TARGET_DIR = DBT_PROJECT_DIR / "target" / "docs"
 DBT_INDIRECT_SELECTION = "DBT_INDIRECT_SELECTION"
 LAYERS = ("staging", "refined", "derived")
 
@@ -180,8 +187,96 @@ def dbt_docs_url(props: Mapping[str, Any], base_url: str | None = None) -> str:
     return f"{base}/#!/{props['resource_type']}/{props['unique_id']}"
 
 
+# --- freshness from dbt meta --------------------------------------------------------------
+_DURATION = re.compile(r"^(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?$")
+
+
+class DbtMetaError(ValueError):
+    """A dbt node's ``meta.dagster`` entry cannot be read; the message names the node."""
+
+
+def _duration(node: str, name: str, value: object) -> dt.timedelta:
+    text = str(value).strip()
+    match = _DURATION.match(text)
+    if not text or match is None:
+        raise DbtMetaError(
+            f"{node}: meta.dagster.freshness.{name} is {value!r}; write a duration such as "
+            "'26h', '7d' or '1d12h'"
+        )
+    return dt.timedelta(
+        days=int(match["d"] or 0), hours=int(match["h"] or 0), minutes=int(match["m"] or 0)
+    )
+
+
+def dbt_freshness_policy(props: Mapping[str, Any]) -> dg.FreshnessPolicy | None:
+    """The freshness policy a dbt node declares in ``meta.dagster.freshness``, if any:
+    ``{fail_window: 26h, warn_window: 25h}`` (time window; warn optional) or
+    ``{cron: "0 6 * * 1", lower_bound_delta: 7d, timezone: UTC}`` (deadline cron)."""
+    dagster_meta = _meta(props).get("dagster")
+    declared = dagster_meta.get("freshness") if isinstance(dagster_meta, Mapping) else None
+    if declared is None:
+        return None
+    node = props.get("unique_id", props.get("name", "?"))
+    if not isinstance(declared, Mapping):
+        raise DbtMetaError(f"{node}: meta.dagster.freshness must be a mapping")
+    if "cron" in declared:
+        unknown = set(declared) - {"cron", "lower_bound_delta", "timezone"}
+        if unknown or "lower_bound_delta" not in declared:
+            raise DbtMetaError(
+                f"{node}: a cron freshness takes cron, lower_bound_delta and optionally "
+                f"timezone (got {', '.join(sorted(declared))})"
+            )
+        return dg.FreshnessPolicy.cron(
+            deadline_cron=str(declared["cron"]),
+            lower_bound_delta=_duration(node, "lower_bound_delta", declared["lower_bound_delta"]),
+            timezone=str(declared.get("timezone", "UTC")),
+        )
+    unknown = set(declared) - {"fail_window", "warn_window"}
+    if unknown or "fail_window" not in declared:
+        raise DbtMetaError(
+            f"{node}: a time-window freshness takes fail_window and optionally warn_window "
+            f"(got {', '.join(sorted(declared))})"
+        )
+    fail = _duration(node, "fail_window", declared["fail_window"])
+    warn = declared.get("warn_window")
+    return dg.FreshnessPolicy.time_window(
+        fail_window=fail, warn_window=_duration(node, "warn_window", warn) if warn else None
+    )
+
+
 class StarvitDbtTranslator(DagsterDbtTranslator):
-    """Keys per zone (``refined/patient``), groups per layer, owners from dbt ``meta.owner``."""
+    """Keys per zone (``refined/patient``), groups per layer, owners from dbt ``meta.owner``,
+    freshness from ``meta.dagster.freshness``, and the warehouse kind of the configured target
+    (the prepared manifest is parsed for postgres whatever the target is)."""
+
+    def __init__(
+        self,
+        settings: DagsterDbtTranslatorSettings | None = None,
+        warehouse_target: WarehouseTarget | None = None,
+    ) -> None:
+        super().__init__(settings=settings)
+        self._warehouse_target = warehouse_target
+
+    @property
+    def warehouse_target(self) -> WarehouseTarget:
+        if self._warehouse_target is None:
+            self._warehouse_target = load_settings().warehouse_target
+        return self._warehouse_target
+
+    def get_asset_spec(
+        self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None
+    ) -> dg.AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        props = self.get_resource_props(manifest, unique_id)
+        if props["resource_type"] == "source":
+            return spec
+        parsed_for = manifest.get("metadata", {}).get("adapter_type")
+        kind = self.warehouse_target.value
+        return spec.replace_attributes(
+            kinds={k for k in spec.kinds if k != parsed_for} | {kind},
+            metadata={**spec.metadata, "dagster/storage_kind": kind},
+            freshness_policy=dbt_freshness_policy(props),
+        )
 
     def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> dg.AssetKey:
         if dbt_resource_props["resource_type"] == "source":

@@ -7,17 +7,41 @@ from functools import cached_property
 
 import dagster as dg
 import psycopg
+from dagster_gcp import BigQueryResource, GCSResource
 
 from starvit_assets import platform
 from starvit_assets.deid.engine import DeidBackend, LocalDeidEngine
 from starvit_assets.deid.policy import Policy
 from starvit_assets.lake.partitions import QUARANTINE_LAYER, RawLake
 from starvit_assets.settings import StarvitSettings, WarehouseTarget, load_settings
-from starvit_assets.warehouse.targets import RawWarehouse, raw_warehouse
+from starvit_assets.warehouse.targets import (
+    BigQueryRawWarehouse,
+    RawWarehouse,
+    gcs_lake,
+    postgres_raw_warehouse,
+)
+
+
+def bigquery_resource(settings: StarvitSettings) -> BigQueryResource:
+    """dagster-gcp's BigQuery resource for the configured project and location; credentials
+    are Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, workload identity)."""
+    return BigQueryResource(project=settings.bq_project, location=settings.bq_location)
+
+
+def gcs_resource(settings: StarvitSettings) -> GCSResource:
+    """dagster-gcp's Cloud Storage resource, billed to the BigQuery project."""
+    return GCSResource(project=settings.bq_project)
 
 
 class PlatformResource(dg.ConfigurableResource):
-    """Settings and running endpoints (embedded PostgreSQL started on first use)."""
+    """Settings and running endpoints (embedded PostgreSQL started on first use).
+
+    ``bigquery`` and ``gcs`` are the dagster-gcp resources that hand the bigquery target its
+    clients; unset, they are built from the settings (``bigquery_resource``, ``gcs_resource``).
+    """
+
+    bigquery: BigQueryResource | None = None
+    gcs: GCSResource | None = None
 
     @cached_property
     def settings(self) -> StarvitSettings:
@@ -70,15 +94,24 @@ class PlatformResource(dg.ConfigurableResource):
 
     @contextmanager
     def raw_warehouse(self) -> Iterator[RawWarehouse]:
-        """The configured warehouse's raw schema: PostgreSQL or BigQuery."""
+        """The configured warehouse's raw schema: PostgreSQL or BigQuery. Raises LoadError
+        when the bigquery target lacks its project or bucket."""
         settings = self.settings
-        dsn = (
-            ""
-            if settings.warehouse_target == WarehouseTarget.BIGQUERY
-            else self.endpoints.warehouse_dsn
-        )
-        with raw_warehouse(settings, dsn) as warehouse:
-            yield warehouse
+        if settings.warehouse_target != WarehouseTarget.BIGQUERY:
+            with postgres_raw_warehouse(settings, self.endpoints.warehouse_dsn) as warehouse:
+                yield warehouse
+            return
+        lake = gcs_lake(settings)
+        bigquery = self.bigquery or bigquery_resource(settings)
+        gcs = self.gcs or gcs_resource(settings)
+        with bigquery.get_client() as client:
+            yield BigQueryRawWarehouse(
+                client,
+                gcs.get_client(),
+                lake,
+                env=settings.env.value,
+                location=bigquery.location or settings.bq_location,
+            )
 
     def warehouse_connection(self) -> psycopg.Connection:
         return psycopg.connect(self.endpoints.warehouse_dsn)

@@ -18,6 +18,7 @@ from starvit_assets.defs.deid_raw import deid_asset_key
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.lake.contracts import CONTRACTS, LINEAGE_COLUMNS
 from starvit_assets.lineage import TableLineage, shipped_lineage
+from starvit_assets.settings import load_settings
 from starvit_assets.warehouse.loader import EXPORT_ID, LOADED_AT, LoadError
 
 GROUP = "warehouse_raw"
@@ -111,7 +112,7 @@ def build_warehouse_raw_asset(table: str) -> dg.AssetsDefinition:
         key=key,
         deps=[deid_asset_key(table)],
         group_name=GROUP,
-        kinds={"postgres", "bigquery"},
+        kinds={load_settings().warehouse_target.value},
         description=(
             f"Raw `{table}` table in the warehouse raw schema: every published lake partition, "
             "loaded with COPY, one transaction per partition; the dbt source of the staging layer."

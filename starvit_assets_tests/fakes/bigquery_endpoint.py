@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -130,6 +131,31 @@ class _Response:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def write_service_account_key(path: Path, token_uri: str, project: str) -> None:
+    """A throw-away service-account key file whose ``token_uri`` is the fake's token endpoint:
+    the real google-auth fetches its tokens there (``GOOGLE_APPLICATION_CREDENTIALS``, or
+    dbt-bigquery's keyfile)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": project,
+        "private_key_id": "local-test-key",
+        "private_key": pem,
+        "client_email": f"dbt-ci@{project}.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path.write_text(json.dumps(info), encoding="utf-8")
 
 
 def _ok(payload: Json | None, status: int = 200) -> _Response:

@@ -35,7 +35,10 @@ from starvit_assets.warehouse.bigquery import (
     upload_partition,
 )
 from starvit_assets.warehouse.loader import LoadError
-from starvit_assets_tests.fakes.bigquery_endpoint import FakeBigQueryEndpoint
+from starvit_assets_tests.fakes.bigquery_endpoint import (
+    FakeBigQueryEndpoint,
+    write_service_account_key,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -463,29 +466,6 @@ class DbtCompile:
         return self.target / "compiled" / node["package_name"] / node["original_file_path"]
 
 
-def _service_account_key(path: Path, token_uri: str) -> None:
-    """A throw-away key: dbt-bigquery fetches a token with it, from ``token_uri``."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    info = {
-        "type": "service_account",
-        "project_id": PROJECT,
-        "private_key_id": "local-test-key",
-        "private_key": pem,
-        "client_email": f"dbt-ci@{PROJECT}.iam.gserviceaccount.com",
-        "client_id": "1",
-        "token_uri": token_uri,
-    }
-    path.write_text(json.dumps(info), encoding="utf-8")
-
-
 BMI_WINDOW = {
     "window_start": "2026-01-01T00:00:00+00:00",
     "window_end": "2026-01-02T00:00:00Z",
@@ -512,7 +492,7 @@ def dbt_bigquery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbtCompil
             ],
         )
         keyfile = work / "service-account.json"
-        _service_account_key(keyfile, endpoint.token_uri)
+        write_service_account_key(keyfile, endpoint.token_uri, PROJECT)
         env = {
             name: value
             for name, value in os.environ.items()
