@@ -257,18 +257,19 @@ class RestppGraphLoader:
             # Its own HTTP timeout is None (wait forever) unless customizeHeader was called,
             # and then the GSQL-TIMEOUT plus 30 s, on every path but its port failover: each
             # request gets the configured timeout here instead.
+            # The parameter names are pyTigerGraph's, so a call by keyword works too.
             def _do_request(
                 self,
                 method: str,
                 url: str,
-                headers: dict[str, str],
-                data: Any,
-                json_data: bool,
+                _headers: dict[str, str],
+                _data: Any,
+                jsonData: bool,
                 params: Any,
                 timeout: float | None,
             ) -> requests.Response:
                 response: requests.Response = super()._do_request(
-                    method, url, headers, data, json_data, params, timeout_seconds
+                    method, url, _headers, _data, jsonData, params, timeout_seconds
                 )
                 recorder._last_status = response.status_code
                 return response
