@@ -144,6 +144,14 @@ class StarvitSettings(BaseSettings):
     tigergraph_max_attempts: int = Field(
         default=5, ge=1, description="Attempts per RESTPP request on transient errors"
     )
+    tigergraph_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds a RESTPP request may take before it is abandoned (and retried); also "
+            "sent as TigerGraph's GSQL-TIMEOUT"
+        ),
+    )
     terminology_url: str | None = Field(
         default=None,
         description="FHIR terminology server base URL; the embedded local service when unset",

@@ -21,7 +21,8 @@ CONTRACT = {
         f"one vertex per Patient, Encounter and code ({_VERTEX_NAMES}); one edge per source "
         f"row ({_EDGE_NAMES}): per encounter, per condition with a SNOMED CT code, per "
         "medication request with an RxNorm code, per observation with a LOINC code. Files are "
-        "replaced on every load; TigerGraph is upserted (idempotent)."
+        "replaced on every load; TigerGraph is upserted (idempotent) and the vertices no "
+        "longer in the source deleted, with their edges."
     ),
     # A vertex's key is its primary id; an edge's is its endpoints plus its discriminator
     # (the source row's pseudonymised id).
@@ -63,7 +64,8 @@ CONTRACT = {
     description=(
         f"The research graph: vertices ({_VERTEX_NAMES}) and edges ({_EDGE_NAMES}) from the "
         "derived and refined models. Upserted in batches into TigerGraph over RESTPP "
-        "(pyTigerGraph) when STARVIT_TIGERGRAPH_HOST is set; loading-job files otherwise."
+        "(pyTigerGraph) when STARVIT_TIGERGRAPH_HOST is set, vertices no longer in the source "
+        "deleted; loading-job files otherwise."
     ),
     metadata={"contract": dg.MetadataValue.json(CONTRACT)},
     check_specs=[
@@ -114,6 +116,10 @@ def tigergraph_load(
             **{
                 f"filtered/{reason}": dg.MetadataValue.int(count)
                 for reason, count in graph.filtered.items()
+            },
+            **{
+                f"deleted/{name}": dg.MetadataValue.int(count)
+                for name, count in report.deleted.items()
             },
             "segments": dg.MetadataValue.json(report.segments),
             "target": dg.MetadataValue.text(report.target),

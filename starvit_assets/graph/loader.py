@@ -6,7 +6,13 @@ reconciliation (:func:`reconcile`) covers both.
 
 The RESTPP loader upserts through pyTigerGraph in batches. Upserts are idempotent (a vertex
 by its primary id, an edge by its endpoints and discriminator), which is what makes retrying
-a batch after a transient error, and re-running a whole load, safe.
+a batch after a transient error, and re-running a whole load, safe. After the upserts it
+deletes the vertices the source rows no longer hold (a deleted or purged patient, its
+encounters, a code nobody uses any more), and with them their edges; deleting an id that is
+already gone deletes nothing, so that step is idempotent too. Every request has a timeout
+(``TigerGraphConfig.timeout_seconds``): pyTigerGraph itself would wait forever.
+
+The file loader needs no deletion step: every load replaces the whole folder.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ logger = logging.getLogger("starvit.graph")
 
 DEFAULT_BATCH_SIZE = 500
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# pyTigerGraph's default response cap (32 MB), sent as an integer: its
+# customizeHeader would send the float default as "32000000.0".
+RESPONSE_LIMIT_BYTES = 32_000_000
 _MAX_MESSAGE = 300
 
 T = TypeVar("T")
@@ -58,6 +67,7 @@ class LoadReport:
     location: str  # folder, or host and graph (never credentials)
     loaded: dict[str, int]  # per type: rows written, or upserts accepted
     in_target: dict[str, int]  # per type: rows read back, or the graph's own count
+    deleted: dict[str, int] = field(default_factory=dict)  # stale vertices removed, per type
     batches: int = 0
     attempts: int = 0  # requests sent, retries included
     segments: dict[str, int] = field(default_factory=dict)  # loaded per edge (FROM, TO) pair
@@ -113,14 +123,18 @@ class TigerGraphConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     max_attempts: int = 5
     retry_wait_seconds: float = 1.0
+    timeout_seconds: float = 60.0  # per HTTP request; a stalled one is abandoned and retried
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise GraphLoadError("the TigerGraph batch size must be at least 1")
+        if self.timeout_seconds <= 0:
+            raise GraphLoadError("the TigerGraph request timeout must be more than 0 seconds")
 
 
 class RestppGraphLoader:
-    """Upserts through pyTigerGraph: vertices first, then edges with vertex_must_exist."""
+    """Upserts through pyTigerGraph: vertices first, then edges with vertex_must_exist; then
+    deletes the vertices (and so their edges) whose ids the source rows no longer hold."""
 
     def __init__(self, config: TigerGraphConfig) -> None:
         self.config = config
@@ -160,6 +174,12 @@ class RestppGraphLoader:
                     )
                     batches += 1
             loaded.update(per_type(segments))
+            deleted: dict[str, int] = {}
+            for vertex in VERTEX_TYPES:
+                deleted[vertex.name], deletion_batches = self._delete_stale(
+                    connection, vertex, graph.vertex_rows(vertex)
+                )
+                batches += deletion_batches
             in_target = self._counts(connection)
         finally:
             connection.close()
@@ -168,10 +188,38 @@ class RestppGraphLoader:
             location=f"{self.config.host} graph {self.config.graph_name}",
             loaded=loaded,
             in_target=in_target,
+            deleted=deleted,
             batches=batches,
             attempts=self._attempts,
             segments=segments,
         )
+
+    def _delete_stale(
+        self, connection: Any, vertex: VertexType, rows: Sequence[Row]
+    ) -> tuple[int, int]:
+        """Delete the vertices of one type whose ids are not among the source rows, in batches
+        (pyTigerGraph's delVerticesById sends one DELETE /graph/{graph}/vertices/{type}/{id}
+        per id). Returns the vertices deleted and the batches sent."""
+        # Only the primary id is selected (the schema declares it an attribute too), to keep
+        # the listing small.
+        listed = self._call(
+            f"listing of {vertex.name} vertices",
+            partial(connection.getVertices, vertex.name, select=vertex.primary_id.name),
+        )
+        wanted = {str(row[0]) for row in rows}
+        stale = sorted({str(item["v_id"]) for item in listed} - wanted)
+        batches = 0
+        for number, batch in _batches(stale, self.config.batch_size):
+            # A retried batch deletes again what an interrupted attempt already deleted:
+            # TigerGraph answers deleted_vertices 0 for those, nothing fails.
+            self._call(
+                f"deletion of stale {vertex.name} vertices (batch {number})",
+                partial(connection.delVerticesById, vertex.name, list(batch)),
+            )
+            batches += 1
+        if stale:
+            logger.info("TigerGraph: deleted %d stale %s vertices", len(stale), vertex.name)
+        return len(stale), batches
 
     def _counts(self, connection: Any) -> dict[str, int]:
         """The graph's own counts (RESTPP builtins stat_vertex_number / stat_edge_number),
@@ -201,12 +249,28 @@ class RestppGraphLoader:
         from pyTigerGraph import TigerGraphConnection
 
         recorder = self
+        timeout_seconds = self.config.timeout_seconds
 
         class StatusRecordingConnection(TigerGraphConnection):
             # pyTigerGraph turns a JSON error body into TigerGraphException without the HTTP
             # status; the status decides whether a retry can help, so note it per response.
-            def _do_request(self, *args: Any, **kwargs: Any) -> requests.Response:
-                response: requests.Response = super()._do_request(*args, **kwargs)
+            # Its own HTTP timeout is None (wait forever) unless customizeHeader was called,
+            # and then the GSQL-TIMEOUT plus 30 s, on every path but its port failover: each
+            # request gets the configured timeout here instead.
+            # The parameter names are pyTigerGraph's, so a call by keyword works too.
+            def _do_request(
+                self,
+                method: str,
+                url: str,
+                _headers: dict[str, str],
+                _data: Any,
+                jsonData: bool,
+                params: Any,
+                timeout: float | None,
+            ) -> requests.Response:
+                response: requests.Response = super()._do_request(
+                    method, url, _headers, _data, jsonData, params, timeout_seconds
+                )
                 recorder._last_status = response.status_code
                 return response
 
@@ -222,6 +286,11 @@ class RestppGraphLoader:
                 )
         except Exception as error:
             raise GraphLoadError(f"TigerGraph connection settings: {_describe(error)}") from None
+        # TigerGraph stops a request's work after GSQL-TIMEOUT (ms): no longer than the client
+        # waits for it.
+        connection.customizeHeader(
+            timeout=max(1, round(config.timeout_seconds * 1000)), responseSize=RESPONSE_LIMIT_BYTES
+        )
         # pyTigerGraph turns certificate verification off for every https URL; the token and
         # the data go only to a server whose certificate verifies (system CAs, or the bundle
         # in REQUESTS_CA_BUNDLE). Its sessions copy this on first use.
@@ -290,7 +359,7 @@ def _describe(error: BaseException) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
-def _batches(rows: Sequence[Row], size: int) -> Iterator[tuple[int, Sequence[Row]]]:
+def _batches(rows: Sequence[T], size: int) -> Iterator[tuple[int, Sequence[T]]]:
     for start in range(0, len(rows), size):
         yield start // size + 1, rows[start : start + size]
 
@@ -350,5 +419,6 @@ def graph_loader(settings: StarvitSettings) -> GraphLoader:
             api_token=secret(settings.tigergraph_token),
             batch_size=settings.tigergraph_batch_size,
             max_attempts=settings.tigergraph_max_attempts,
+            timeout_seconds=settings.tigergraph_timeout_seconds,
         )
     )

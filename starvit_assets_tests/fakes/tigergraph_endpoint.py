@@ -16,6 +16,11 @@ Implemented, with the semantics TigerGraph documents:
   Response ``{"version", "error": false, "message", "results": [{"accepted_vertices",
   "accepted_edges"}]}``. Duplicate JSON keys (pyTigerGraph's encoding of several edges to
   one target) are kept.
+- ``GET /restpp/graph/{graph}/vertices/{type}`` (list vertices, ``select`` limits the
+  attributes returned): ``results`` is ``[{"v_id", "v_type", "attributes"}]``.
+- ``DELETE /restpp/graph/{graph}/vertices/{type}/{id}`` (delete a vertex, what
+  pyTigerGraph's ``delVerticesById`` sends per id): the vertex and every edge to or from it
+  go; ``results`` is ``{"v_type", "deleted_vertices"}``, 0 for an id that is not there.
 - ``POST /restpp/builtins/{graph}`` with ``stat_vertex_number`` / ``stat_edge_number``.
 - ``GET /restpp/version`` and ``GET /restpp/echo``.
 - ``POST /gsql/v1/tokens`` (TigerGraph 4) with a secret or Basic credentials; with
@@ -29,8 +34,9 @@ edge without its discriminator, or an attribute operator (``op``) is refused wit
 and ``{"error": true, "code": "REST-30000"}`` (the fake's own code and wording).
 
 :meth:`FakeTigerGraphEndpoint.fail_next` makes the next RESTPP requests fail (HTTP 503 by
-default, with a JSON error body or an HTML one as a proxy would send); :attr:`requests`
-records every request.
+default, with a JSON error body or an HTML one as a proxy would send);
+:meth:`FakeTigerGraphEndpoint.stall_next` holds the next RESTPP requests unanswered for a
+while (a stalled server); :attr:`requests` records every request.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 Json = dict[str, Any]
 Pairs = list[tuple[str, Any]]
@@ -187,6 +193,7 @@ class RecordedRequest:
 class _Failure:
     status: int
     json_body: bool
+    method: str | None = None  # only requests of this method fail; any when None
 
 
 @dataclass
@@ -218,6 +225,8 @@ class FakeTigerGraphEndpoint:
         self._state = _State()
         self._tokens: set[str] = set()
         self._failures: list[_Failure] = []
+        self._stalls: list[float] = []
+        self._stopping = threading.Event()
         self._requests: list[RecordedRequest] = []
         endpoint = self
 
@@ -228,14 +237,19 @@ class FakeTigerGraphEndpoint:
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if self.path.startswith("/restpp/"):
+                    endpoint._stall()
                 status, content_type, payload = endpoint._dispatch(
                     self.command, self.path, dict(self.headers), body
                 )
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (a stalled request timed out)
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve
 
@@ -262,6 +276,7 @@ class FakeTigerGraphEndpoint:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping.set()  # releases the stalled requests
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread:
@@ -276,9 +291,32 @@ class FakeTigerGraphEndpoint:
 
     # -- test controls -------------------------------------------------------------------------
 
-    def fail_next(self, count: int = 1, *, status: int = 503, json_body: bool = True) -> None:
+    def fail_next(
+        self,
+        count: int = 1,
+        *,
+        status: int = 503,
+        json_body: bool = True,
+        method: str | None = None,
+    ) -> None:
         with self._lock:
-            self._failures.extend(_Failure(status, json_body) for _ in range(count))
+            self._failures.extend(_Failure(status, json_body, method) for _ in range(count))
+
+    def stall_next(self, count: int = 1, *, seconds: float = 5.0) -> None:
+        """Hold each of the next ``count`` RESTPP requests ``seconds`` before handling it."""
+        with self._lock:
+            self._stalls.extend(seconds for _ in range(count))
+
+    def _stall(self) -> None:
+        with self._lock:
+            seconds = self._stalls.pop(0) if self._stalls else 0.0
+        if seconds:
+            self._stopping.wait(seconds)
+
+    def add_vertex(self, vertex_type: str, vertex_id: str, attributes: Json | None = None) -> None:
+        """Put a vertex straight into the graph (one left over from an earlier load)."""
+        with self._lock:
+            self._put_vertex(vertex_type, vertex_id, attributes or {})
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -314,7 +352,7 @@ class FakeTigerGraphEndpoint:
             if path.startswith("/restpp/"):
                 if path != "/restpp/requesttoken":
                     self._authorise(headers)
-                failure = self._next_failure()
+                failure = self._next_failure(method)
                 if failure is not None:
                     raise _InjectedFailure(failure)
             status, payload, counted = 200, *self._route(method, path, query, headers, body)
@@ -333,9 +371,12 @@ class FakeTigerGraphEndpoint:
             self._requests.append(RecordedRequest(method, path, query, status, *counted))
         return status, content_type, response
 
-    def _next_failure(self) -> _Failure | None:
+    def _next_failure(self, method: str) -> _Failure | None:
         with self._lock:
-            return self._failures.pop(0) if self._failures else None
+            for index, failure in enumerate(self._failures):
+                if failure.method in (None, method):
+                    return self._failures.pop(index)
+            return None
 
     def _authorise(self, headers: dict[str, str]) -> None:
         if not self._require_token:
@@ -367,6 +408,15 @@ class FakeTigerGraphEndpoint:
             return self._upsert(query, body)
         if method == "POST" and path == f"/restpp/builtins/{self.graph_name}":
             return self._builtin(_json_object(body)), (0, 0)
+        vertices_path = f"/restpp/graph/{self.graph_name}/vertices/"
+        if path.startswith(vertices_path):
+            vertex_type, _, vertex_id = path[len(vertices_path) :].partition("/")
+            if vertex_type not in self.schema.vertices:
+                raise ApiError(400, f"Unknown vertex type {vertex_type!r}.")
+            if method == "GET" and not vertex_id:
+                return self._list_vertices(vertex_type, query), (0, 0)
+            if method == "DELETE" and vertex_id:
+                return self._delete_vertex(vertex_type, unquote(vertex_id)), (0, 0)
         if path.startswith("/restpp/"):
             raise ApiError(404, f"Endpoint is not found from url = {path[7:]}", "REST-1000")
         raise ApiError(404, "Not Found", "404")
@@ -525,6 +575,43 @@ class FakeTigerGraphEndpoint:
                                     f"{absent[0]} is required.",
                                 )
                             yield edge, source_type, source, target_type, target, values
+
+    # -- vertices ------------------------------------------------------------------------------
+
+    def _list_vertices(self, vertex_type: str, query: dict[str, str]) -> Json:
+        schema = self.schema.vertices[vertex_type]
+        selected = [name for name in query.get("select", "").split(",") if name]
+        unknown = [
+            name for name in selected if name not in schema.attributes | {schema.primary_id: ""}
+        ]
+        if unknown:
+            raise ApiError(400, f"{vertex_type}: unknown attribute {unknown[0]!r}.")
+        with self._lock:
+            stored = dict(self._state.vertices.get(vertex_type, {}))
+        results = []
+        for vertex_id, attributes in stored.items():
+            # primary_id_as_attribute: the id is an attribute too
+            values = {schema.primary_id: vertex_id, **attributes}
+            if selected:
+                values = {name: values[name] for name in selected}
+            results.append({"v_id": vertex_id, "v_type": vertex_type, "attributes": values})
+        return self._envelope(results)
+
+    def _delete_vertex(self, vertex_type: str, vertex_id: str) -> Json:
+        with self._lock:
+            found = self._state.vertices.get(vertex_type, {}).pop(vertex_id, None)
+            if found is not None:
+                attached = [
+                    key
+                    for key in self._state.edges
+                    if (key[1], key[2]) == (vertex_type, vertex_id)
+                    or (key[3], key[4]) == (vertex_type, vertex_id)
+                ]
+                for key in attached:
+                    del self._state.edges[key]
+        return self._envelope(
+            {"v_type": vertex_type, "deleted_vertices": 0 if found is None else 1}
+        )
 
     # -- builtins ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from starvit_assets.graph.loader import (
     graph_loader,
     reconcile,
 )
-from starvit_assets.graph.schema import EDGE_SEGMENTS, GraphData, schema_gsql
+from starvit_assets.graph.schema import EDGE_SEGMENTS, VERTEX_TYPES, GraphData, schema_gsql
 from starvit_assets.settings import StarvitSettings
 from starvit_assets_tests.fakes.tigergraph_endpoint import FakeTigerGraphEndpoint
 from starvit_assets_tests.unit.test_graph_files import sample_graph
@@ -118,8 +118,9 @@ def test_transient_errors_are_retried(endpoint: FakeTigerGraphEndpoint, json_bod
 
     assert reconcile(graph.counts(), report) == []
     assert [status for status, _, _ in upserts(endpoint)][:3] == [503, 503, 200]
-    # batches, the two retries, the token, one vertex count and one count per edge segment
-    assert report.attempts == report.batches + 2 + 1 + 1 + len(EDGE_SEGMENTS)
+    # batches, the two retries, the token, one listing per vertex type (for stale vertices),
+    # one vertex count and one count per edge segment
+    assert report.attempts == report.batches + 2 + 1 + len(VERTEX_TYPES) + 1 + len(EDGE_SEGMENTS)
 
 
 def test_persistent_errors_fail_with_status_and_step(endpoint: FakeTigerGraphEndpoint) -> None:
@@ -164,17 +165,127 @@ def test_edges_to_missing_vertices_are_skipped_and_fail_reconciliation(
     ]
 
 
-def test_a_stale_vertex_left_from_an_earlier_load_fails_reconciliation(
+def deletions(endpoint: FakeTigerGraphEndpoint) -> list[tuple[str, int]]:
+    return [(r.path, r.status) for r in endpoint.requests if r.method == "DELETE"]
+
+
+def test_a_stale_vertex_left_from_an_earlier_load_is_deleted_with_its_edges(
     endpoint: FakeTigerGraphEndpoint,
 ) -> None:
     graph = sample_graph()
     loader(endpoint).load(graph)
-    del graph.vertices["Patient"][1]
+    assert endpoint.edge_count("has_observation") == 2
+    del graph.vertices["Patient"][1]  # p2: deleted at the source, or purged
     graph.edges["has_observation_from_Patient"] = []
 
     report = loader(endpoint).load(graph)
 
-    assert "Patient: 1 source rows, 2 in the tigergraph target" in reconcile(graph.counts(), report)
+    assert reconcile(graph.counts(), report) == []
+    assert report.deleted == {
+        "Patient": 1,
+        "Encounter": 0,
+        "Condition": 0,
+        "Medication": 0,
+        "ObservationType": 0,
+    }
+    assert endpoint.vertex("Patient", "p2") is None
+    assert endpoint.vertex("Patient", "p1") is not None
+    # TigerGraph deletes a vertex's edges with it: p2's observation edge went too.
+    assert [key[2] for key, _ in endpoint.edges_of("has_observation")] == ["e1"]
+    assert deletions(endpoint) == [("/restpp/graph/starvit/vertices/Patient/p2", 200)]
+    listings = [r for r in endpoint.requests if r.method == "GET" and "/vertices/" in r.path]
+    assert [r.query for r in listings][:1] == [{"select": "patient_id"}]
+
+
+def test_stale_vertex_deletions_are_batched_retried_and_idempotent(
+    endpoint: FakeTigerGraphEndpoint,
+) -> None:
+    graph = sample_graph()
+    for number in range(5):
+        endpoint.add_vertex("Patient", f"stale-{number}")
+    # A stale id with a character that must be escaped in the URL path.
+    endpoint.add_vertex("Condition", "stale/code 1")
+    endpoint.fail_next(1, status=503, method="DELETE")
+
+    report = loader(endpoint, batch_size=2).load(graph)
+
+    assert reconcile(graph.counts(), report) == []
+    assert report.deleted["Patient"] == 5 and report.deleted["Condition"] == 1
+    assert endpoint.vertex("Condition", "stale/code 1") is None
+    sent = deletions(endpoint)
+    # the first DELETE failed; its batch (stale-0, stale-1) was sent again; then two batches
+    assert sent[0] == ("/restpp/graph/starvit/vertices/Patient/stale-0", 503)
+    assert [path.rsplit("/", 1)[1] for path, status in sent[1:6]] == [
+        "stale-0",
+        "stale-1",
+        "stale-2",
+        "stale-3",
+        "stale-4",
+    ]
+    assert len(sent) == 1 + 5 + 1
+
+    again = loader(endpoint, batch_size=2).load(graph)
+
+    assert reconcile(graph.counts(), again) == []
+    assert sum(again.deleted.values()) == 0
+    assert len(deletions(endpoint)) == len(sent)  # nothing left to delete, nothing sent
+
+
+def test_deleting_a_vertex_that_is_already_gone_deletes_nothing(
+    endpoint: FakeTigerGraphEndpoint,
+) -> None:
+    # What makes a retried deletion batch safe: the ids an interrupted attempt deleted are
+    # deleted again without an error.
+    connection = loader(endpoint)._connect()
+    try:
+        endpoint.add_vertex("Patient", "p9")
+        assert connection.delVerticesById("Patient", ["p9"]) == 1
+        assert connection.delVerticesById("Patient", ["p9"]) == 0
+    finally:
+        connection.close()
+
+
+def test_a_stalled_request_times_out_and_is_retried(
+    endpoint: FakeTigerGraphEndpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    graph = sample_graph()
+    endpoint.stall_next(1, seconds=5.0)
+
+    with caplog.at_level("WARNING", logger="starvit.graph"):
+        report = loader(endpoint, timeout_seconds=0.3).load(graph)
+
+    assert reconcile(graph.counts(), report) == []
+    # the stalled request (the first Patient upsert) was abandoned and its batch sent again
+    assert [r.getMessage() for r in caplog.records] == [
+        "TigerGraph upsert of Patient vertices (batch 1): no HTTP response; retrying (attempt 1)"
+    ]
+    assert report.attempts == report.batches + 1 + 1 + len(VERTEX_TYPES) + 1 + len(EDGE_SEGMENTS)
+
+
+def test_a_request_that_keeps_stalling_ends_in_a_clear_error(
+    endpoint: FakeTigerGraphEndpoint,
+) -> None:
+    endpoint.stall_next(2, seconds=5.0)
+
+    with pytest.raises(GraphLoadError) as raised:
+        loader(endpoint, timeout_seconds=0.3, max_attempts=2).load(sample_graph())
+
+    message = str(raised.value)
+    assert "upsert of Patient vertices (batch 1)" in message
+    assert "no HTTP response" in message and "after 2 attempt(s)" in message
+    assert "timed out" in message
+    assert "p1" not in message and SECRET not in message
+
+
+def test_the_timeout_is_also_sent_as_the_gsql_timeout() -> None:
+    loader_ = RestppGraphLoader(
+        TigerGraphConfig(host="http://tg.example.org:14240", timeout_seconds=1.5)
+    )
+    connection = loader_._connect()
+    try:
+        assert connection.responseConfigHeader["GSQL-TIMEOUT"] == "1500"
+    finally:
+        connection.close()
 
 
 def test_username_and_password_mint_a_token_when_restpp_asks_for_one() -> None:
@@ -220,11 +331,13 @@ def test_settings_choose_the_loader(tmp_path: object) -> None:
             tigergraph_host="http://tg.example.org:14240",
             tigergraph_secret="x",  # type: ignore[arg-type]
             tigergraph_batch_size=50,
+            tigergraph_timeout_seconds=12.5,
         )
     )
     assert type(files).__name__ == "FileGraphLoader"
     assert isinstance(restpp, RestppGraphLoader)
     assert restpp.config.batch_size == 50 and restpp.config.secret == "x"
+    assert restpp.config.timeout_seconds == 12.5
     assert "secret" not in repr(restpp.config)
 
 

@@ -1,11 +1,15 @@
 {#-
     Incremental: a run recomputes only the patients with a body measurement loaded after the
-    newest measurement this table has used (source_loaded_at), and merges their rows on
-    patient_id. A retracted measurement that leaves a patient without a BMI keeps the old row
-    until the next --full-refresh.
+    newest measurement this table has used (source_loaded_at), and the patients whose row was
+    computed from an observation that is no longer usable (deleted by an export, itself or
+    with its patient; marked entered-in-error; moved to another patient). Their rows are
+    merged on patient_id; then the post-hook deletes every row still computed from an
+    unusable observation: the patients left without a usable height and weight, and the
+    deleted patients. Both steps use macros/body_measures.sql, so they agree on "usable".
     A run for a window (vars window_start / window_end: _loaded_at in [start, end)) or for one
     export (var export_id: the current version of the measurement first arrived in it) looks
-    for changed patients there instead of after the watermark; defs/dbt.py passes them.
+    for newly loaded measurements there instead of after the watermark; defs/dbt.py passes
+    them. The rows with unusable inputs are recomputed in either case.
 -#}
 {{
     config(
@@ -13,6 +17,7 @@
         unique_key='patient_id',
         incremental_strategy='merge',
         on_schema_change='append_new_columns',
+        post_hook="delete from {{ this }} as bmi where {{ bmi_inputs_unusable('bmi') }}",
     )
 }}
 
@@ -24,15 +29,9 @@ observations as (
 
 ),
 
-body_measures as (
-
-    select * from {{ ref('body_measures') }}
-
-),
-
 {% if is_incremental() and incremental_window_given() %}
 
-changed_patients as (
+newly_loaded_patients as (
 
     select distinct observations.patient_id
 
@@ -58,7 +57,7 @@ watermark as (
 
 ),
 
-changed_patients as (
+newly_loaded_patients as (
 
     select distinct observations.patient_id
 
@@ -71,20 +70,36 @@ changed_patients as (
 
 {% endif %}
 
+{% if is_incremental() %}
+
+-- rows computed from an observation that is no longer usable: recomputed from what is left
+patients_with_unusable_inputs as (
+
+    select bmi.patient_id
+
+    from {{ this }} as bmi
+    where {{ bmi_inputs_unusable('bmi') }}
+
+),
+
+changed_patients as (
+
+    select patient_id from newly_loaded_patients
+    union distinct
+    select patient_id from patients_with_unusable_inputs
+
+),
+
+{% endif %}
+
 usable_measurements as (
 
-    select observations.*
+    select usable.*
 
-    from observations
-    inner join body_measures
-        on observations.body_measure = body_measures.measure
-        and observations.unit_normalised = body_measures.canonical_unit
-    where observations.status in {{ metric_observation_statuses() }}
-        and observations.value_normalised >= body_measures.plausible_min
-        and observations.value_normalised <= body_measures.plausible_max
-        {% if is_incremental() %}
-        and observations.patient_id in (select patient_id from changed_patients)
-        {% endif %}
+    from ({{ usable_body_measurements() }}) as usable
+    {% if is_incremental() %}
+    where usable.patient_id in (select patient_id from changed_patients)
+    {% endif %}
 
 ),
 

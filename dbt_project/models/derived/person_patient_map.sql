@@ -6,6 +6,12 @@ runs as (
 
 ),
 
+patients as (
+
+    select * from {{ ref('patient') }}
+
+),
+
 -- the map is recomputed whole on every run: only the latest run is current
 latest_run as (
 
@@ -13,19 +19,32 @@ latest_run as (
 
 ),
 
-final as (
+-- the linkage reads every published patient record; one an export deleted since (refined
+-- patient leaves it out) leaves its person too, so nothing here points at a patient that is gone
+current_patients as (
 
-    select
-        runs.person_key,
-        runs.source,
-        runs.patient_id,
-        runs.match_rule,
-        runs.person_size,
-        runs.linkage_run
+    select runs.*
 
     from runs
     inner join latest_run
         on runs.linkage_run = latest_run.linkage_run
+    where exists (
+        select 1 from patients where patients.patient_id = runs.patient_id
+    )
+
+),
+
+final as (
+
+    select
+        person_key,
+        source,
+        patient_id,
+        match_rule,
+        count(*) over (partition by person_key) as person_size,
+        linkage_run
+
+    from current_patients
 
 )
 
