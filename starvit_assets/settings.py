@@ -90,7 +90,8 @@ class StarvitSettings(BaseSettings):
         description="Name of this FHIR source in the person linkage (person_patient_map.source)",
     )
     export_types: str = (
-        "Patient,Encounter,Observation,Condition,MedicationRequest,Procedure,Immunization,Consent"
+        "Patient,Encounter,Observation,Condition,MedicationRequest,Procedure,Immunization,"
+        "AllergyIntolerance,Consent"
     )
     bq_project: str | None = Field(default=None, description="BigQuery project (bigquery target)")
     bq_location: str = Field(default="US", description="BigQuery location")

@@ -58,6 +58,7 @@ RESOURCE_TYPES = (
     "MedicationRequest",
     "Procedure",
     "Immunization",
+    "AllergyIntolerance",
     # Read in the PHI zone by the gate's record filter (research opt-outs); no table of it
     # crosses the gate, and its staged files go with the export's last de-identified type.
     "Consent",

@@ -80,6 +80,19 @@ CONTRACTS: dict[str, TableContract] = {
         required=("patient_id",),
         grain="one row per Immunization resource version in an export",
     ),
+    "allergy_intolerance": TableContract(
+        "allergy_intolerance",
+        key="allergy_intolerance_id",
+        required=("patient_id",),
+        # FHIR R4 binds these code elements to their value sets as required: a conformant
+        # server sends nothing else, so another value is quarantined, not guessed at.
+        allowed={
+            "type": ("allergy", "intolerance"),
+            "criticality": ("low", "high", "unable-to-assess"),
+            "reaction_severity": ("mild", "moderate", "severe"),
+        },
+        grain="one row per AllergyIntolerance resource version in an export",
+    ),
 }
 
 

@@ -42,6 +42,8 @@ CODE_COLUMNS: tuple[CodeColumn, ...] = (
     CodeColumn("encounter", "type_code", system_column="type_system"),
     CodeColumn("procedure", "snomed_code", system=SNOMED),
     CodeColumn("immunization", "cvx_code", system=CVX),
+    CodeColumn("allergy_intolerance", "snomed_code", system=SNOMED),
+    CodeColumn("allergy_intolerance", "reaction_snomed_code", system=SNOMED),
 )
 
 # Source system -> the system its codes are translated to ($translate targetsystem).

@@ -206,6 +206,8 @@ _ARRAYS: dict[str, frozenset[str]] = {
     "Immunization.education": _BACKBONE_ARRAYS,
     "Immunization.reaction": _BACKBONE_ARRAYS,
     "Immunization.protocolApplied": _BACKBONE_ARRAYS | {"targetDisease"},
+    "AllergyIntolerance": _RESOURCE_ARRAYS | {"identifier", "category", "reaction", "note"},
+    "AllergyIntolerance.reaction": _BACKBONE_ARRAYS | {"manifestation", "note"},
 }
 
 # How FHIR primitives arrive in JSON; every other primitive (date, dateTime, instant, code,

@@ -252,6 +252,7 @@ def _identifying_values(source: Path) -> set[str]:
         "MedicationRequest",
         "Procedure",
         "Immunization",
+        "AllergyIntolerance",
         "Consent",
     ):
         values.update(r["id"] for r in _resources(source, resource_type))
@@ -312,9 +313,9 @@ def test_no_identifying_value_reaches_lake_warehouse_graph_or_dagster_storage(
     assert len(values) > PATIENTS * 5
 
     lake_files = list((lineage.home / "lake").rglob("*.parquet"))
-    # Seven view tables and the (empty) deletions of the export; no quarantine for deletions.
-    assert len(list((lineage.home / "lake" / "deid_raw").rglob("*.parquet"))) == 8
-    assert len(list((lineage.home / "lake" / "deid_quarantine").rglob("*.parquet"))) == 7
+    # Eight view tables and the (empty) deletions of the export; no quarantine for deletions.
+    assert len(list((lineage.home / "lake" / "deid_raw").rglob("*.parquet"))) == 9
+    assert len(list((lineage.home / "lake" / "deid_quarantine").rglob("*.parquet"))) == 8
     lake_text = "\n".join(
         json.dumps(pq.read_table(path).to_pylist(), default=str) for path in lake_files
     )
@@ -372,7 +373,7 @@ def test_gate_counts_reconcile_for_every_table(lineage: Lineage) -> None:
         for path in (lineage.home / "lake" / "deid_raw").rglob("*.parquet")
         if path.parent.parent.name != "deleted_resource"
     ]
-    assert len(folders) == 7
+    assert len(folders) == 8
     for folder in folders:
         counts = GateCounts.load(folder)
         assert counts.reconciles, folder
@@ -660,6 +661,7 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
         "medication_request": None,
         "procedure": None,
         "immunization": None,
+        "allergy_intolerance": None,
     }
     with psycopg.connect(lineage.warehouse_dsn) as connection:
         for table in tables:
@@ -708,6 +710,11 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
             "select count(*), count(*) filter (where cvx_code_is_valid) "
             "from {schema}.immunization where cvx_code is not null"
         )
+        allergies = rows(
+            "select count(*), count(*) filter (where snomed_code_is_valid), "
+            "count(reaction_snomed_code), count(*) filter (where reaction_snomed_code_is_valid) "
+            "from {schema}.allergy_intolerance where snomed_code is not null"
+        )
     assert {"snomed_code_is_valid", "icd10_code_is_valid", "mapped_system", "mapped_code"} <= (
         tables["condition"] or set()
     )
@@ -717,6 +724,9 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
     assert {"code_is_valid", "mapped_code"} <= (tables["medication_request"] or set())
     assert "snomed_code_is_valid" in (tables["procedure"] or set())
     assert "cvx_code_is_valid" in (tables["immunization"] or set())
+    assert {"snomed_code_is_valid", "reaction_snomed_code_is_valid"} <= (
+        tables["allergy_intolerance"] or set()
+    )
     by_id = {row[0]: row[1:] for row in found}
     unknown_code, unknown_system = (
         pseudonym(lineage.key, "Observation", observation_id)
@@ -743,6 +753,9 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
     # Every synthetic procedure is a valid SNOMED CT code, every vaccine a valid CVX code.
     assert procedures[0][0] > 0 and procedures[0][0] == procedures[0][1]
     assert immunizations[0][0] > 0 and immunizations[0][0] == immunizations[0][1]
+    # Every synthetic allergy and its reaction manifestation are valid SNOMED CT codes.
+    assert allergies[0][0] > 0 and allergies[0][0] == allergies[0][1]
+    assert allergies[0][2] > 0 and allergies[0][2] == allergies[0][3]
 
 
 # The two tests below change the warehouse: they stay last in this file.

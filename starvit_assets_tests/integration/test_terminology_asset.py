@@ -51,6 +51,14 @@ def raw_tables(warehouse_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         connection.execute(f"insert into {SCHEMA}.procedure values ('73761001'), ('38341003')")
         connection.execute(f"create table {SCHEMA}.immunization (cvx_code text)")
         connection.execute(f"insert into {SCHEMA}.immunization values ('208'), ('999'), (null)")
+        # Two SNOMED CT columns of one table: the substance and the reaction manifestation.
+        connection.execute(
+            f"create table {SCHEMA}.allergy_intolerance (snomed_code text, reaction_snomed_code text)"
+        )
+        connection.execute(
+            f"insert into {SCHEMA}.allergy_intolerance values ('91936005', '39579001'), "
+            "('91936005', null)"
+        )
         # encounter is not loaded: the asset skips it and says so.
     yield warehouse_dsn
     with psycopg.connect(warehouse_dsn) as connection:
@@ -78,7 +86,7 @@ def test_the_asset_validates_maps_and_replaces_the_table(raw_tables: str) -> Non
     result = _materialize()
     assert result.success
     table = _table(raw_tables)
-    assert len(table) == 15
+    assert len(table) == 17
     assert table[(synth.LOINC, "8302-2")]["is_valid"] is True
     assert table[(synth.LOINC, "8302-2")]["occurrences"] == 40
     assert table[(synth.LOINC, "99999-9")]["is_valid"] is False
@@ -91,6 +99,10 @@ def test_the_asset_validates_maps_and_replaces_the_table(raw_tables: str) -> Non
     )
     assert table[(synth.SNOMED, "73761001")]["is_valid"] is True
     assert table[(synth.CVX, "208")]["is_valid"] is True
+    penicillin = table[(synth.SNOMED, "91936005")]
+    assert (penicillin["is_valid"], penicillin["occurrences"]) == (True, 2)
+    assert penicillin["source_tables"] == "allergy_intolerance"
+    assert table[(synth.SNOMED, "39579001")]["is_valid"] is True
     assert table[(synth.CVX, "999")]["is_valid"] is False
     assert table[(synth.CVX, "999")]["system_known"] is True
     assert table[(synth.SNOMED, "11111111")]["is_valid"] is False

@@ -26,7 +26,7 @@ def _spec(key: dg.AssetKey) -> dg.AssetSpec:
     return next(spec for spec in dbt_models.specs if spec.key == key)
 
 
-@pytest.mark.parametrize("name", [*REFINED, "procedure", "immunization"])
+@pytest.mark.parametrize("name", [*REFINED, "procedure", "immunization", "allergy_intolerance"])
 def test_each_refined_model_links_to_its_docs_page_and_shows_its_typed_columns(name: str) -> None:
     spec = _spec(dg.AssetKey(["refined", name]))
     url = spec.metadata["dbt_docs"]

@@ -68,6 +68,10 @@ _SYNTHETIC_CODES_BY_COLUMN: dict[tuple[str, str, str], list[str]] = {
     ("medication_request", "rxnorm_code", synth.RXNORM): [code for code, _ in synth.MEDICATIONS],
     ("procedure", "snomed_code", synth.SNOMED): [code for code, _ in synth.PROCEDURES],
     ("immunization", "cvx_code", synth.CVX): [code for code, _ in synth.VACCINES],
+    ("allergy_intolerance", "snomed_code", synth.SNOMED): [row[0] for row in synth.ALLERGIES],
+    ("allergy_intolerance", "reaction_snomed_code", synth.SNOMED): [
+        code for code, _ in synth.REACTIONS
+    ],
 }
 
 
