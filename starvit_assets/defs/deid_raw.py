@@ -55,8 +55,8 @@ LEAK_CHECK = "no_phi_leak"
 RECONCILE_CHECK = "rows_reconcile"
 K_ANONYMITY_CHECK = "k_anonymity"
 # Cloud DLP's request quota is per project, but each step's rate limiter knows only its own
-# requests: the deid_raw steps share this Dagster concurrency pool, which dagster.yaml limits
-# to one step at a time across all runs (docs/gate.md, "Cloud DLP quota").
+# requests: with the DLP backend the deid_raw steps share this Dagster concurrency pool, which
+# dagster.yaml limits to one step at a time across all runs (docs/gate.md, "Cloud DLP quota").
 DLP_POOL = "cloud_dlp"
 PATIENT_TABLE = "patient"
 CONSENT_RESOURCE_TYPE = "Consent"
@@ -119,7 +119,7 @@ def _leak_hashes(settings: StarvitSettings) -> LeakHashSet:
     return LeakHashSet.load(path, settings.key) if path.exists() else LeakHashSet(settings.key)
 
 
-def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
+def build_deid_asset(table: str, view: dict, pool: str | None = None) -> dg.AssetsDefinition:
     resource_type = str(view["resource"])
     contract = CONTRACTS[table]
 
@@ -134,7 +134,7 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             f"`{view['name']}` ViewDefinition; one immutable Parquet partition per export."
         ),
         check_specs=_check_specs(table),
-        pool=DLP_POOL,
+        pool=pool,
         metadata={
             "zone": "research",
             "contract": {
@@ -395,4 +395,11 @@ def _purge_staged(settings: StarvitSettings, export: StagedExport) -> None:
     remove_export_folder_when_done(settings, export.export_id)
 
 
-DEID_ASSETS = [build_deid_asset(name, view) for name, view in sorted(shipped_views().items())]
+def deid_assets(deid_backend: str) -> list[dg.AssetsDefinition]:
+    """One asset per shipped view. With Cloud DLP they are all in ``DLP_POOL``; the local
+    engine shares no quota, so its steps may run side by side."""
+    pool = DLP_POOL if deid_backend == "dlp" else None
+    return [build_deid_asset(name, view, pool) for name, view in sorted(shipped_views().items())]
+
+
+DEID_ASSETS = deid_assets("local")

@@ -118,7 +118,7 @@ def test_a_failed_blocking_check_publishes_nothing_and_stops_the_warehouse(
     import dagster as dg
 
     from starvit_assets.definitions import defs
-    from starvit_assets.defs.deid_raw import DLP_POOL, deid_asset_key
+    from starvit_assets.defs.deid_raw import DLP_POOL, deid_asset_key, deid_assets
 
     # A patient's family name where the view keeps free text: only the leak check stands
     # between it and the research zone.
@@ -180,6 +180,8 @@ def test_a_failed_blocking_check_publishes_nothing_and_stops_the_warehouse(
     assert "deid_raw/observation:rows_reconcile" in altered.checks_failed
     assert "warehouse_raw/observation" not in altered.materialized
 
-    # The DLP quota is shared through one pool, limited to one step at a time by dagster.yaml.
+    # With Cloud DLP the steps share one pool, limited to one step at a time by dagster.yaml;
+    # the local engine's steps (this test's) are in none.
     assert pool_limit == 1
-    assert {defs.resolve_assets_def(deid_asset_key(TABLE)).op.pool} == {DLP_POOL}
+    assert {asset.op.pool for asset in deid_assets("dlp")} == {DLP_POOL}
+    assert defs.resolve_assets_def(deid_asset_key(TABLE)).op.pool is None
