@@ -24,7 +24,7 @@ from starvit_assets.defs.automation import (
     new_fhir_data,
 )
 from starvit_assets.defs.dbt import dbt_models, dbt_resource
-from starvit_assets.defs.deid_raw import DEID_ASSETS
+from starvit_assets.defs.deid_raw import deid_assets
 from starvit_assets.defs.deletions import DELETION_ASSETS
 from starvit_assets.defs.extract import fhir_export
 from starvit_assets.defs.graph import tigergraph_load
@@ -148,7 +148,7 @@ def build_definitions() -> dg.Definitions:
     definitions = dg.Definitions(
         assets=[
             fhir_export,
-            *DEID_ASSETS,
+            *deid_assets(settings.deid_backend),
             *WAREHOUSE_RAW_ASSETS,
             person_patient_map,
             terminology_code_validation,

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 
 from starvit_assets.defs.extract import fhir_dep
 from starvit_assets.defs.resources import PlatformResource
-from starvit_assets.deid.engine import DeidError
+from starvit_assets.deid.engine import DeidBackend, DeidError
 from starvit_assets.deid.kanonymity import PATIENT_QUASI_IDENTIFIERS, k_anonymity
 from starvit_assets.deid.leak import LeakHashSet
-from starvit_assets.deid.policy import PolicyError, load_policy
+from starvit_assets.deid.policy import Policy, PolicyError, load_policy
 from starvit_assets.exports import (
     ExportRecordError,
     StagedExport,
@@ -36,7 +36,13 @@ from starvit_assets.lake.consent import (
 )
 from starvit_assets.lake.contracts import CONTRACTS, TableContract, validate_file
 from starvit_assets.lake.filters import FilterError
-from starvit_assets.lake.gate import GateCounts, GateError, build_gate
+from starvit_assets.lake.gate import (
+    GateCounts,
+    GateError,
+    build_gate,
+    published_schema,
+    reconcile,
+)
 from starvit_assets.lake.partitions import PART_FILE
 from starvit_assets.lineage import shipped_lineage
 from starvit_assets.linkage.tokens import with_linkage_tokens
@@ -48,6 +54,10 @@ CONTRACT_CHECK = "contract"
 LEAK_CHECK = "no_phi_leak"
 RECONCILE_CHECK = "rows_reconcile"
 K_ANONYMITY_CHECK = "k_anonymity"
+# Cloud DLP's request quota is per project, but each step's rate limiter knows only its own
+# requests: with the DLP backend the deid_raw steps share this Dagster concurrency pool, which
+# dagster.yaml limits to one step at a time across all runs (docs/gate.md, "Cloud DLP quota").
+DLP_POOL = "cloud_dlp"
 PATIENT_TABLE = "patient"
 CONSENT_RESOURCE_TYPE = "Consent"
 
@@ -79,8 +89,10 @@ def _check_specs(table: str) -> list[dg.AssetCheckSpec]:
             asset=key,
             blocking=True,
             description=(
-                "Lines exported = lines read = resources with rows + without rows + quarantined "
-                "lines; rows flattened = rows published + quarantined + held back by the filter."
+                "Counted in the written files, not by the gate: lines exported (counted on disk "
+                "when staged) = lines read = resources with rows + without rows + lines in the "
+                "quarantine file; rows flattened = rows in the partition file + rows in the "
+                "quarantine file + held back by the filter."
             ),
         ),
         *(
@@ -107,7 +119,7 @@ def _leak_hashes(settings: StarvitSettings) -> LeakHashSet:
     return LeakHashSet.load(path, settings.key) if path.exists() else LeakHashSet(settings.key)
 
 
-def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
+def build_deid_asset(table: str, view: dict, pool: str | None = None) -> dg.AssetsDefinition:
     resource_type = str(view["resource"])
     contract = CONTRACTS[table]
 
@@ -122,6 +134,7 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             f"`{view['name']}` ViewDefinition; one immutable Parquet partition per export."
         ),
         check_specs=_check_specs(table),
+        pool=pool,
         metadata={
             "zone": "research",
             "contract": {
@@ -155,7 +168,12 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             data = folder / PART_FILE
             quarantined = quarantine.published_dir(table, export.export_id) / PART_FILE
             counts = GateCounts.load(folder)
-            yield from _check_results(key, contract, data, quarantined, settings, export, counts)
+            policy = load_policy()
+            backend = _backend(platform, policy, _export_date(export.transaction_time))
+            expected = published_schema(table, view, backend)
+            yield from _check_results(
+                key, contract, expected, data, quarantined, settings, export, counts
+            )
             yield dg.MaterializeResult(
                 asset_key=key,
                 metadata={
@@ -186,14 +204,11 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
             opt_outs = read_research_opt_outs(consent_files, export_date)
         except ConsentError as error:
             raise dg.Failure(description=f"{table}: {error}") from None
+        backend = _backend(platform, policy, export_date)
         gate = build_gate(
             table_name=table,
             view=view,
-            backend=with_linkage_tokens(
-                platform.deid_backend(policy, export_date),
-                policy,
-                lambda: settings.linkage_token_key,
-            ),
+            backend=backend,
             policy=policy,
             key=settings.key,
             export_date=export_date,
@@ -216,7 +231,14 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
         counts.save(lake.staging_dir(table, export.export_id))
         checks = list(
             _check_results(
-                key, contract, result.output, result.quarantine_output, settings, export, counts
+                key,
+                contract,
+                published_schema(table, view, backend),
+                result.output,
+                result.quarantine_output,
+                settings,
+                export,
+                counts,
             )
         )
         yield from checks
@@ -260,6 +282,13 @@ def build_deid_asset(table: str, view: dict) -> dg.AssetsDefinition:
     return _deid_table
 
 
+def _backend(platform: PlatformResource, policy: Policy, export_date: dt.date) -> DeidBackend:
+    settings = platform.settings
+    return with_linkage_tokens(
+        platform.deid_backend(policy, export_date), policy, lambda: settings.linkage_token_key
+    )
+
+
 def _counts_metadata(counts: GateCounts) -> dict[str, Any]:
     return {
         "resources_read": dg.MetadataValue.int(counts.resources_read),
@@ -274,13 +303,14 @@ def _counts_metadata(counts: GateCounts) -> dict[str, Any]:
 def _check_results(
     key: dg.AssetKey,
     contract: TableContract,
+    expected: pa.Schema,
     data: Path,
     quarantined: Path,
     settings: StarvitSettings,
     export: StagedExport,
     counts: GateCounts,
 ) -> Iterator[dg.AssetCheckResult]:
-    failures = validate_file(contract, data)
+    failures = validate_file(contract, data, expected)
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=CONTRACT_CHECK,
@@ -305,10 +335,12 @@ def _check_results(
             ),
         },
     )
+    reconciliation = reconcile(counts, export.count, data, quarantined)
     yield dg.AssetCheckResult(
         asset_key=key,
         check_name=RECONCILE_CHECK,
-        passed=counts.reconciles and export.count == counts.resources_read,
+        passed=reconciliation.passed,
+        description="; ".join(reconciliation.problems) or None,
         metadata={
             "exported": export.count,
             "read": counts.resources_read,
@@ -319,6 +351,10 @@ def _check_results(
             "rows_published": counts.rows_published,
             "rows_quarantined": counts.rows_quarantined,
             "rows_held_back": counts.rows_held_back,
+            "rows_in_partition_file": _count_or_missing(reconciliation.rows_in_output),
+            "rows_in_quarantine_file": _count_or_missing(reconciliation.rows_in_quarantine),
+            "lines_in_quarantine_file": _count_or_missing(reconciliation.lines_in_quarantine),
+            "problems": dg.MetadataValue.json(list(reconciliation.problems)),
         },
     )
     if key.path[-1] == PATIENT_TABLE:
@@ -334,6 +370,10 @@ def _check_results(
             severity=dg.AssetCheckSeverity.WARN,
             metadata={name: value for name, value in report.as_metadata().items()},
         )
+
+
+def _count_or_missing(count: int | None) -> dg.MetadataValue:
+    return dg.MetadataValue.int(count) if count is not None else dg.MetadataValue.text("missing")
 
 
 def _column_schema(schema: pa.Schema) -> dg.TableSchema:
@@ -355,4 +395,11 @@ def _purge_staged(settings: StarvitSettings, export: StagedExport) -> None:
     remove_export_folder_when_done(settings, export.export_id)
 
 
-DEID_ASSETS = [build_deid_asset(name, view) for name, view in sorted(shipped_views().items())]
+def deid_assets(deid_backend: str) -> list[dg.AssetsDefinition]:
+    """One asset per shipped view. With Cloud DLP they are all in ``DLP_POOL``; the local
+    engine shares no quota, so its steps may run side by side."""
+    pool = DLP_POOL if deid_backend == "dlp" else None
+    return [build_deid_asset(name, view, pool) for name, view in sorted(shipped_views().items())]
+
+
+DEID_ASSETS = deid_assets("local")

@@ -128,7 +128,12 @@ class DeidentifyClient(Protocol):
 
 
 class RateLimiter:
-    """Spaces request starts evenly: at most ``per_minute`` in any minute, no bursts."""
+    """Spaces request starts evenly: at most ``per_minute`` in any minute, no bursts.
+
+    It counts the requests of one backend in one process only. DLP's quota is per project, so
+    the deid_raw steps that share it run one at a time: they are in the ``cloud_dlp``
+    concurrency pool, which dagster.yaml limits to 1 (defs/deid_raw.py, docs/gate.md).
+    """
 
     def __init__(
         self,

@@ -1,7 +1,9 @@
 """Data contracts of the raw tables as pandera schemas: types, nullability, keys, allowed values.
 
-The column types come from the de-identified Arrow schema; the rules below add what a type
-cannot say. Failures are reported by column and check only, never by cell value.
+The columns and their types come from the schema a partition must have (the view's columns as
+the de-identification backend publishes them, then lineage: ``lake.gate.published_schema``),
+never from the file under check; the rules below add what a type cannot say. Failures are
+reported by column and check only, never by cell value.
 """
 
 from __future__ import annotations
@@ -16,7 +18,67 @@ if TYPE_CHECKING:
     import pandera.pandas as pa_schema
 
 LINEAGE_COLUMNS = ("_export_id", "_source_file", "_source_line", "_content_hash", "_policy_version")
-GENDERS = ("male", "female", "other", "unknown")
+# FHIR R4 required value sets (http://hl7.org/fhir/R4/valueset-*.html) of the coded columns the
+# shipped views select; a code outside them is a source error, quarantined as "value not allowed".
+GENDERS = ("male", "female", "other", "unknown")  # administrative-gender
+OBSERVATION_STATUSES = (  # observation-status
+    "registered",
+    "preliminary",
+    "final",
+    "amended",
+    "corrected",
+    "cancelled",
+    "entered-in-error",
+    "unknown",
+)
+CONDITION_CLINICAL_STATUSES = (  # condition-clinical
+    "active",
+    "recurrence",
+    "relapse",
+    "inactive",
+    "remission",
+    "resolved",
+)
+CONDITION_VERIFICATION_STATUSES = (  # condition-ver-status
+    "unconfirmed",
+    "provisional",
+    "differential",
+    "confirmed",
+    "refuted",
+    "entered-in-error",
+)
+ENCOUNTER_STATUSES = (  # encounter-status
+    "planned",
+    "arrived",
+    "triaged",
+    "in-progress",
+    "onleave",
+    "finished",
+    "cancelled",
+    "entered-in-error",
+    "unknown",
+)
+MEDICATION_REQUEST_STATUSES = (  # medicationrequest-status
+    "active",
+    "on-hold",
+    "cancelled",
+    "completed",
+    "entered-in-error",
+    "stopped",
+    "draft",
+    "unknown",
+)
+PROCEDURE_STATUSES = (  # event-status
+    "preparation",
+    "in-progress",
+    "not-done",
+    "on-hold",
+    "stopped",
+    "completed",
+    "entered-in-error",
+    "unknown",
+)
+IMMUNIZATION_STATUSES = ("completed", "entered-in-error", "not-done")  # immunization-status
 
 
 @dataclass(frozen=True)
@@ -48,36 +110,45 @@ CONTRACTS: dict[str, TableContract] = {
         "encounter",
         key="encounter_id",
         required=("patient_id",),
+        allowed={"status": ENCOUNTER_STATUSES},
         grain="one row per Encounter resource version in an export",
     ),
     "observation": TableContract(
         "observation",
         key="observation_id",
         required=("patient_id",),
+        allowed={"status": OBSERVATION_STATUSES},
         grain="one row per Observation resource version in an export",
     ),
     "condition": TableContract(
         "condition",
         key="condition_id",
         required=("patient_id",),
+        allowed={
+            "clinical_status": CONDITION_CLINICAL_STATUSES,
+            "verification_status": CONDITION_VERIFICATION_STATUSES,
+        },
         grain="one row per Condition resource version in an export",
     ),
     "medication_request": TableContract(
         "medication_request",
         key="medication_request_id",
         required=("patient_id",),
+        allowed={"status": MEDICATION_REQUEST_STATUSES},
         grain="one row per MedicationRequest resource version in an export",
     ),
     "procedure": TableContract(
         "procedure",
         key="procedure_id",
         required=("patient_id",),
+        allowed={"status": PROCEDURE_STATUSES},
         grain="one row per Procedure resource version in an export",
     ),
     "immunization": TableContract(
         "immunization",
         key="immunization_id",
         required=("patient_id",),
+        allowed={"status": IMMUNIZATION_STATUSES},
         grain="one row per Immunization resource version in an export",
     ),
     "allergy_intolerance": TableContract(
@@ -136,36 +207,54 @@ def pandera_schema(
     return pa_schema.DataFrameSchema(columns, strict=True, coerce=False)
 
 
-def validate_file(contract: TableContract, path: Path, batch_rows: int = 50_000) -> list[str]:
-    """Contract failures of a Parquet file as 'column: check (n rows)' strings; empty when it
-    conforms. Read batch by batch: memory stays bounded by one batch (and the key column, read
-    alone for uniqueness across the whole file)."""
+def validate_file(
+    contract: TableContract, path: Path, expected: pa.Schema, batch_rows: int = 50_000
+) -> list[str]:
+    """Contract failures of a Parquet file against the ``expected`` schema, as
+    'column: check (n rows)' strings, or 'column: check (schema)' for a column missing, extra or
+    of another type; empty when it conforms. Read batch by batch: memory stays bounded by one
+    batch (and the key column, read alone for uniqueness across the whole file)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    counts = _failure_counts(contract, parquet.schema_arrow.empty_table(), unique_key=False)
+    # The file's schema alone (no rows) fails on what it declares: reported once, not per batch.
+    schema_failures = set(
+        _failure_counts(contract, parquet.schema_arrow.empty_table(), expected, unique_key=False)
+    )
+    counts: dict[str, int] = {}
     for record_batch in parquet.iter_batches(batch_rows):
         batch = pa.Table.from_batches([record_batch])
-        for name, count in _failure_counts(contract, batch, unique_key=False).items():
-            counts[name] = counts.get(name, 0) + count
-    keys = pq.read_table(path, columns=[contract.key]).column(contract.key).combine_chunks()
-    repeated = int(pc.sum(later_duplicates(keys)).as_py() or 0)
-    if repeated:
-        counts[f"{contract.key}: field_uniqueness"] = repeated
-    return [f"{name} ({count} rows)" for name, count in sorted(counts.items())]
+        for name, count in _failure_counts(contract, batch, expected, unique_key=False).items():
+            if name not in schema_failures:
+                counts[name] = counts.get(name, 0) + count
+    if contract.key in parquet.schema_arrow.names:
+        keys = pq.read_table(path, columns=[contract.key]).column(contract.key).combine_chunks()
+        repeated = int(pc.sum(later_duplicates(keys)).as_py() or 0)
+        if repeated:
+            counts[f"{contract.key}: field_uniqueness"] = repeated
+    return sorted(f"{name} (schema)" for name in schema_failures) + [
+        f"{name} ({count} rows)" for name, count in sorted(counts.items())
+    ]
 
 
 def _failure_counts(
-    contract: TableContract, table: pa.Table, *, unique_key: bool = True
+    contract: TableContract, table: pa.Table, expected: pa.Schema, *, unique_key: bool = True
 ) -> dict[str, int]:
     import pandera.pandas as pa_schema
 
     frame = table.to_pandas(types_mapper=_pandas_type)
     try:
-        pandera_schema(contract, table.schema, unique_key=unique_key).validate(frame, lazy=True)
+        pandera_schema(contract, expected, unique_key=unique_key).validate(frame, lazy=True)
     except pa_schema.errors.SchemaErrors as errors:
-        grouped = errors.failure_cases.groupby(["column", "check"], dropna=False).size()
+        cases = errors.failure_cases
+        # A column extra or missing is reported with no column and its name as the failure case
+        # (a column name is no PHI, and says which one).
+        about_a_column = cases["column"].isna() & cases["check"].isin(
+            ["column_in_schema", "column_in_dataframe"]
+        )
+        cases.loc[about_a_column, "column"] = cases.loc[about_a_column, "failure_case"]
+        grouped = cases.groupby(["column", "check"], dropna=False).size()
         return {f"{column}: {check}": int(count) for (column, check), count in grouped.items()}
     return {}
 

@@ -54,6 +54,9 @@ _NEWLINE = ord("\n")
 # pattern that starts with a literal, so the scan runs at memchr speed.
 _BLANK_INNER_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
 QUARANTINE_REASON = "_quarantine_reason"
+# Every reason for a line that never became a row starts so: the quarantine file tells its
+# line-level rows from its row-level ones by this alone.
+LINE_PROBLEM = "line: "
 _TEMPORAL_METHODS = ("date_shift", "generalise")
 
 
@@ -71,6 +74,14 @@ def lineage_schema() -> pa.Schema:
             ("_policy_version", pa.string()),
         ]
     )
+
+
+def published_schema(table_name: str, view: dict[str, Any], backend: DeidBackend) -> pa.Schema:
+    """What a published partition holds: the view's columns as ``backend`` de-identifies them
+    (an empty table: nothing is sent anywhere), then lineage. The contract check holds every
+    partition file to it."""
+    empty = compile_view(view).arrow_schema().empty_table()
+    return pa.schema([*backend.deidentify(table_name, empty).schema, *lineage_schema()])
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,99 @@ class GateResult:
         )
 
 
+@dataclass(frozen=True)
+class Reconciliation:
+    """The ``rows_reconcile`` check, from what was written rather than what the gate counted.
+
+    Rows are counted in the Parquet files themselves (their footers; the quarantine's reason
+    column tells line-level rows from row-level ones) and lines from the export record (counted
+    on disk when the export was staged), so a file that lost, gained or never got rows, or a
+    line the gate never read, fails it even when the gate's own counters agree with each other.
+    ``problems`` name counts and files, never values.
+    """
+
+    lines_exported: int
+    rows_in_output: int | None
+    rows_in_quarantine: int | None
+    lines_in_quarantine: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def reconcile(
+    counts: GateCounts, lines_exported: int, output: Path, quarantine_output: Path
+) -> Reconciliation:
+    """Input lines = resources with rows + without rows + lines in the quarantine file; rows
+    flattened = rows in the output file + row-level rows in the quarantine file + held back."""
+    problems: list[str] = []
+    rows_in_output = _parquet_rows(output)
+    if rows_in_output is None:
+        problems.append(f"{output.name}: the partition file is missing or unreadable")
+    quarantine = _quarantine_rows(quarantine_output)
+    rows_in_quarantine = lines_in_quarantine = None
+    if quarantine is None:
+        problems.append(f"{quarantine_output.name}: the quarantine file is missing or unreadable")
+    else:
+        lines_in_quarantine, rows_in_quarantine = quarantine
+    if lines_exported != counts.resources_read:
+        problems.append(
+            f"lines exported ({lines_exported}) != lines read ({counts.resources_read})"
+        )
+    if lines_in_quarantine is not None:
+        lines = counts.resources_with_rows + counts.resources_without_rows + lines_in_quarantine
+        if lines != lines_exported:
+            problems.append(
+                f"lines exported ({lines_exported}) != resources with rows "
+                f"({counts.resources_with_rows}) + without rows ({counts.resources_without_rows})"
+                f" + lines in the quarantine file ({lines_in_quarantine})"
+            )
+    if rows_in_output is not None and rows_in_quarantine is not None:
+        rows = rows_in_output + rows_in_quarantine + counts.rows_held_back
+        if rows != counts.rows_flattened:
+            problems.append(
+                f"rows flattened ({counts.rows_flattened}) != rows in the partition file "
+                f"({rows_in_output}) + row-level rows in the quarantine file "
+                f"({rows_in_quarantine}) + held back ({counts.rows_held_back})"
+            )
+    for written, counted, what in (
+        (rows_in_output, counts.rows_published, "rows published"),
+        (rows_in_quarantine, counts.rows_quarantined, "rows quarantined"),
+        (lines_in_quarantine, counts.lines_quarantined, "lines quarantined"),
+    ):
+        if written is not None and written != counted:
+            problems.append(f"{what}: the gate counted {counted}, the files hold {written}")
+    return Reconciliation(
+        lines_exported=lines_exported,
+        rows_in_output=rows_in_output,
+        rows_in_quarantine=rows_in_quarantine,
+        lines_in_quarantine=lines_in_quarantine,
+        problems=tuple(problems),
+    )
+
+
+def _parquet_rows(path: Path) -> int | None:
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def _quarantine_rows(path: Path) -> tuple[int, int] | None:
+    """(line-level rows, row-level rows) of a quarantine file."""
+    total = _parquet_rows(path)
+    if total is None:
+        return None
+    try:
+        reasons = pq.read_table(path, columns=[QUARANTINE_REASON]).column(QUARANTINE_REASON)
+    except (OSError, KeyError, pa.ArrowException):
+        return None
+    line_level = pc.sum(pc.fill_null(pc.starts_with(reasons, LINE_PROBLEM), False)).as_py()
+    return int(line_level or 0), total - int(line_level or 0)
+
+
 @dataclass
 class _Lines:
     """The non-blank lines of one chunk (of one file), with their line numbers."""
@@ -214,11 +318,8 @@ class Gate:
         """
         self.policy.table(self.table_name).check_covers(self.compiled.column_names, self.table_name)
         self.record_filter.check_columns(self.compiled.column_names)
-        deidentified_schema = self.backend.deidentify(
-            self.table_name, self.compiled.arrow_schema().empty_table()
-        ).schema
-        scratch_schema = pa.schema(
-            [*deidentified_schema, *lineage_schema(), pa.field(QUARANTINE_REASON, pa.string())]
+        scratch_schema = published_schema(self.table_name, self.view, self.backend).append(
+            pa.field(QUARANTINE_REASON, pa.string())
         )
         first_pass = _FirstPass(
             gate=self,
@@ -354,7 +455,7 @@ class Gate:
             try:
                 resource = json.loads(line)
             except json.JSONDecodeError:
-                problems.append("line: not valid JSON")
+                problems.append(f"{LINE_PROBLEM}not valid JSON")
                 continue
             if not isinstance(resource, dict) or resource.get("resourceType") != view.resource_type:
                 problems.append(self._wrong_type())
@@ -362,7 +463,7 @@ class Gate:
             try:
                 rows = view.rows(resource)
             except ViewDefinitionError:
-                problems.append("line: the view cannot be evaluated on this resource")
+                problems.append(f"{LINE_PROBLEM}the view cannot be evaluated on this resource")
                 continue
             problems.append(None)
             for row in rows:
@@ -376,7 +477,7 @@ class Gate:
         )
 
     def _wrong_type(self) -> str:
-        return f"line: resource type is not {self.compiled.resource_type}"
+        return f"{LINE_PROBLEM}resource type is not {self.compiled.resource_type}"
 
     def _lineage(self, lines: _Lines, export_id: str) -> pa.Table:
         count = len(lines)

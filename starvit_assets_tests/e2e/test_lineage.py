@@ -30,7 +30,8 @@ CANARIES = {
     "address_line": "77 Canaryfinch Lane",
     "city": "Canaryfinchville",
     "postal_code": "55512",
-    "birth_date": "1961-07-23",
+    # Aged 90 or over at any export date: the published birth year must collapse (#3).
+    "birth_date": "1921-07-23",
     "phone": "+1-555-0100-7788",
     "fax": "+1-555-0199-8866",
     "email": "quillon.canary@example.org",
@@ -45,6 +46,9 @@ CANARIES = {
     "ip": "203.0.113.77",
     "photo": "https://photos.example.org/canary-face.jpg",
     "other_id": "UID-CANARY-1818",
+    # Biometric identifiers (#16): a fingerprint template id, a voiceprint enrolment id.
+    "fingerprint": "FPR-CANARY-2424",
+    "voiceprint": "VPR-CANARY-6363",
     "patient_id": "canary-patient-0001",
     "observation_id": "canary-observation-0001",
 }
@@ -81,6 +85,7 @@ def plant_canaries(source: Path) -> None:
             ("http://hospital.example.org/account", "account"),
             ("http://licenses.example.org", "license"),
             ("urn:ietf:rfc:3986", "other_id"),
+            ("http://biometrics.example.org/fingerprint-template", "fingerprint"),
         )
     ]
     patient = {
@@ -104,6 +109,7 @@ def plant_canaries(source: Path) -> None:
         "extension": [
             {"url": "http://example.org/last-login-ip", "valueString": c["ip"]},
             {"url": "http://example.org/vehicle", "valueString": c["vehicle"]},
+            {"url": "http://biometrics.example.org/voiceprint-id", "valueString": c["voiceprint"]},
         ],
     }
     observation = {
@@ -354,15 +360,22 @@ def test_every_safe_harbor_canary_is_held_back(lineage: Lineage) -> None:
         for path in (lineage.home / "lake").rglob("*.parquet")
     )
     assert _find_phi(raw_text, set(CANARIES.values())) == []
+    from starvit_assets.exports import latest_staged_export
+    from starvit_assets.settings import load_settings
+
     patients = pq.read_table(
         next((lineage.home / "lake" / "deid_raw" / "patient").rglob("*.parquet"))
     )
+    # Born 1921: aged 90 or over at the export, so published with the collapsed year (#3).
+    export_year = int(latest_staged_export(load_settings(), "Patient").transaction_time[:4])
+    collapsed = export_year - 90
     canary = [
         row
         for row in patients.to_pylist()
-        if row["birth_year"] == 1961 and row["postal_code_3"] == "555"
+        if row["birth_year"] == collapsed and row["postal_code_3"] == "555"
     ]
     assert len(canary) == 1
+    assert min(year for year in patients.column("birth_year").to_pylist() if year) == collapsed
 
 
 def test_gate_counts_reconcile_for_every_table(lineage: Lineage) -> None:
