@@ -11,11 +11,12 @@ import yaml
 
 from starvit_assets.defs.deid_raw import DLP_POOL, deid_assets
 from starvit_assets.platform import DAGSTER_YAML
+from starvit_assets.views.runner import shipped_views
 
 
 def test_with_cloud_dlp_every_deid_raw_step_is_in_the_pool() -> None:
     assets = deid_assets("dlp")
-    assert len(assets) == 7
+    assert {asset.key.path[-1] for asset in assets} == set(shipped_views())
     assert {asset.op.pool for asset in assets} == {DLP_POOL}
 
 
