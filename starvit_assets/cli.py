@@ -39,11 +39,17 @@ def cmd_fhir_synth(args: argparse.Namespace) -> int:
 
     if args.patients < 1:
         raise CliError("--patients must be at least 1")
+    for flag in ("--fault-rate", "--duplicate-rate", "--overlap"):
+        rate = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        # "not within" also refuses NaN, which every comparison fails.
+        if not 0.0 <= rate <= 1.0:
+            raise CliError(f"{flag} must be between 0 and 1 (a share), not {rate}")
     try:
         counts = generate(
             Path(args.out),
             patients=args.patients,
             seed=args.seed,
+            fault_rate=args.fault_rate,
             duplicate_rate=args.duplicate_rate,
             source=args.source_name,
             overlap=args.overlap,
@@ -384,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--patients", type=int, default=100)
     synth.add_argument("--seed", type=int, default=1)
     synth.add_argument("--out", required=True)
+    synth.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        help="share of resources given a planted data-quality fault, 0 to 1 (truth.json lists them)",
+    )
     synth.add_argument(
         "--duplicate-rate",
         type=float,

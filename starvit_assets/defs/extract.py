@@ -40,9 +40,12 @@ from starvit_assets.fhir.client import (
     ExportProgress,
     ExportRequest,
     ExportResult,
+    ManifestComparison,
+    compare_with_manifest,
     iter_deleted_references,
 )
 from starvit_assets.fhir.errors import ExportError
+from starvit_assets.fhir.export_state import ALL_TYPES
 from starvit_assets.fhir.increments import plan_since
 from starvit_assets.fhir.server import BulkDataServer
 from starvit_assets.lake.consent import ConsentError, update_consent_ledger
@@ -156,11 +159,6 @@ def _export_contract(resource_type: str) -> dict[str, object]:
     }
 
 
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as handle:
-        return sum(1 for line in handle if line.strip())
-
-
 @dg.multi_asset(
     name="fhir_export",
     specs=[
@@ -186,7 +184,10 @@ def _count_lines(path: Path) -> int:
             MANIFEST_CHECK,
             asset=fhir_asset_key(resource_type),
             blocking=True,
-            description="Lines staged on disk equal the export manifest's count for this type.",
+            description=(
+                "Lines staged on disk equal the export manifest's count (output[].count) for "
+                "each of this type's files; passes with 'not stated' when the server gave none."
+            ),
         )
         for resource_type in RESOURCE_TYPES
     ],
@@ -259,10 +260,16 @@ def fhir_export(
     if CONSENT in selected:
         _update_consent_ledger(settings, target, result)
 
+    if result.watermark_held_back:
+        context.log.warning(
+            f"the server reported {result.severe_error_outcomes} OperationOutcome(s) of "
+            "severity error or fatal: the _since watermark of "
+            f"{', '.join(result.watermark_held_back)} stays where it was, so the next "
+            "incremental export fetches those types again"
+        )
     for resource_type in selected:
         files = [path.name for path in result.files.get(resource_type, [])]
-        expected = result.counts.get(resource_type, 0)
-        on_disk = sum(_count_lines(target / name) for name in files)
+        staged = compare_with_manifest(result.manifest, target, resource_type)
         record_staged_export(
             settings,
             StagedExport(
@@ -270,7 +277,7 @@ def fhir_export(
                 resource_type=resource_type,
                 transaction_time=result.transaction_time,
                 files=tuple(files),
-                count=on_disk,
+                count=staged.staged_lines,
                 since=result.since,
             ),
         )
@@ -280,10 +287,12 @@ def fhir_export(
             metadata={
                 "export_id": export_id,
                 "transaction_time": result.transaction_time,
-                "resources": dg.MetadataValue.int(on_disk),
+                "resources": dg.MetadataValue.int(staged.staged_lines),
                 "files": dg.MetadataValue.int(len(files)),
                 "export_errors": dg.MetadataValue.int(len(result.errors)),
                 "export_error_issue_codes": dg.MetadataValue.json(dict(result.error_issue_counts)),
+                "export_severe_error_outcomes": dg.MetadataValue.int(result.severe_error_outcomes),
+                "watermark_held_back": _watermark_held_back(result, resource_type),
                 "deleted_in_export": dg.MetadataValue.int(result.deleted_count),
                 "resumed": result.resumed,
                 "rekicks": dg.MetadataValue.int(result.rekicks),
@@ -297,12 +306,38 @@ def fhir_export(
                 "duration_seconds": dg.MetadataValue.float(round(duration, 3)),
             },
         )
-        yield dg.AssetCheckResult(
-            asset_key=key,
-            check_name=MANIFEST_CHECK,
-            passed=on_disk == expected,
-            metadata={"manifest_count": expected, "staged_lines": on_disk},
+        yield manifest_count_check(resource_type, staged)
+
+
+def _watermark_held_back(result: ExportResult, resource_type: str) -> bool:
+    """Whether this type's `_since` watermark stayed put because the server reported errors."""
+    return bool({resource_type, ALL_TYPES} & set(result.watermark_held_back))
+
+
+def manifest_count_check(resource_type: str, staged: ManifestComparison) -> dg.AssetCheckResult:
+    """The staged lines of ``resource_type`` against the counts its export manifest states."""
+    stated = staged.manifest_count
+    if stated is None:
+        description = "the manifest states no count for this type's files: nothing to compare"
+    elif staged.matches:
+        description = "every staged file has the lines its manifest entry counts"
+    else:
+        description = (
+            f"{len(staged.mismatched_files)} staged file(s) differ from the manifest's count"
         )
+    return dg.AssetCheckResult(
+        asset_key=fhir_asset_key(resource_type),
+        check_name=MANIFEST_CHECK,
+        passed=staged.matches,
+        description=description,
+        metadata={
+            "manifest_count": "not stated" if stated is None else dg.MetadataValue.int(stated),
+            "staged_lines": dg.MetadataValue.int(staged.staged_lines),
+            "files": dg.MetadataValue.int(staged.files),
+            "files_without_manifest_count": dg.MetadataValue.int(staged.files_without_count),
+            "mismatched_files": dg.MetadataValue.json(list(staged.mismatched_files)),
+        },
+    )
 
 
 def _not_yet_deidentified(

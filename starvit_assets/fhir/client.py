@@ -1,5 +1,5 @@
 """The FHIR Bulk Data client (httpx): kick-off, status polling, paged manifests, parallel
-verified downloads, resume, incremental `_since` watermarks and boundary de-duplication.
+verified downloads, resume and incremental `_since` watermarks.
 
 Follows the async request pattern of the Bulk Data Access IG v2.0.0 (plus the STU3
 ``allowPartialManifests`` paging, which is harmless to a v2 server). Every failure raises
@@ -23,7 +23,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +293,8 @@ class ExportResult:
     resumed: bool = False
     rekicks: int = 0
     skipped_files: int = 0
+    severe_error_outcomes: int = 0
+    watermark_held_back: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -366,10 +368,6 @@ def _safe_url(url: str) -> str:
     parts = httpx.URL(url)
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.host}{port}{parts.path}"
-
-
-def _instant(value: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 class BulkDataClient:
@@ -572,8 +570,7 @@ class BulkDataClient:
                 continue
             break
         result = dataclasses.replace(result, resumed=resumed, rekicks=rekicks)
-        self._finish(out_dir, request, source, job, store, result, fail_on_errors)
-        return result
+        return self._finish(out_dir, request, source, job, store, result, fail_on_errors)
 
     def _resume_or_abandon(
         self, store: ExportStateStore | None, source: str, request: ExportRequest
@@ -614,30 +611,46 @@ class BulkDataClient:
         store: ExportStateStore | None,
         result: ExportResult,
         fail_on_errors: bool,
-    ) -> None:
+    ) -> ExportResult:
         for stale in out_dir.glob("*.ndjson.part"):
             stale.unlink(missing_ok=True)
-        severe = self._severe_outcomes(result.error_files) if fail_on_errors else 0
-        if store and not (fail_on_errors and severe):
+        severe = _severe_outcomes(result.error_files)
+        failed = fail_on_errors and severe.outcomes > 0
+        held_back: tuple[str, ...] = ()
+        if store and not failed:
             if request.narrows_content:
                 logger.info("filtered export: the _since watermark is left unchanged")
             else:
                 types = list(request.types) or [ALL_TYPES, *result.files]
-                store.advance_watermarks(source, types, result.transaction_time)
+                held_back = severe.types_to_hold_back(types)
+                if held_back:
+                    # Resources the server failed to export would otherwise never be fetched
+                    # again by an incremental export: their types keep the previous watermark.
+                    logger.warning(
+                        "the server reported %d OperationOutcome(s) of severity error or fatal; "
+                        "the _since watermark of %s stays where it was",
+                        severe.outcomes,
+                        ", ".join(held_back),
+                    )
+                advanced = [name for name in types if name not in held_back]
+                store.advance_watermarks(source, advanced, result.transaction_time)
         if store:
             store.clear_job(source)
         if self.config.delete_after_download:
             # The IG lets a server read DELETE after completion as "done, free the files".
             self._cancel(job.status_url)
         self._emit("complete", result.transaction_time)
-        if fail_on_errors and severe:
+        if failed:
             codes = ", ".join(f"{k}={v}" for k, v in sorted(result.error_issue_counts.items()))
             raise ExportError(
-                f"export failed: the server reported {severe} OperationOutcome(s) of severity "
-                f"error or fatal (issue codes: {codes})",
+                f"export failed: the server reported {severe.outcomes} OperationOutcome(s) of "
+                f"severity error or fatal (issue codes: {codes})",
                 step="export",
                 issue_codes=result.error_issue_counts,
             )
+        return dataclasses.replace(
+            result, severe_error_outcomes=severe.outcomes, watermark_held_back=held_back
+        )
 
     # --- HTTP plumbing ---------------------------------------------------------------------
     def _send(
@@ -919,28 +932,6 @@ class BulkDataClient:
         return manifest
 
     # --- downloads -------------------------------------------------------------------------
-    @staticmethod
-    def _plan(manifest: Mapping[str, Any]) -> list[_FileItem]:
-        items: list[_FileItem] = []
-        outputs = manifest["output"]
-        per_type: dict[str, int] = {}
-        for output in outputs:
-            per_type[output["type"]] = per_type.get(output["type"], 0) + 1
-        seen: dict[str, int] = {}
-        for index, output in enumerate(outputs):
-            resource_type = str(output["type"])
-            seen[resource_type] = seen.get(resource_type, 0) + 1
-            name = (
-                f"{resource_type}.ndjson"
-                if per_type[resource_type] == 1
-                else f"{resource_type}.{seen[resource_type]}.ndjson"
-            )
-            items.append(_file_item("output", index, output, name))
-        for kind in ("deleted", "error"):
-            for index, entry in enumerate(manifest.get(kind, [])):
-                items.append(_file_item(kind, index, entry, f"_{kind}.{index + 1}.ndjson"))
-        return items
-
     def _fetch(
         self,
         out_dir: Path,
@@ -954,7 +945,7 @@ class BulkDataClient:
             job.transaction_time = manifest["transactionTime"]
             if store:
                 store.save_job(job)
-        items = self._plan(manifest)
+        items = _plan_files(manifest)
         # The IG: send the token to file URLs only when the manifest asks for it.
         needs_token = manifest.get("requiresAccessToken", True) is not False
         client = self._http if needs_token else self._plain
@@ -1159,19 +1150,138 @@ class BulkDataClient:
             skipped_files=skipped,
         )
 
-    @staticmethod
-    def _severe_outcomes(error_files: Sequence[Path]) -> int:
-        severe = 0
-        for line in _iter_lines(error_files):
-            try:
-                outcome = json.loads(line)
-            except json.JSONDecodeError:
-                severe += 1
-                continue
-            issues = outcome.get("issue", []) if isinstance(outcome, dict) else []
-            if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in issues):
-                severe += 1
-        return severe
+
+def _plan_files(manifest: Mapping[str, Any]) -> list[_FileItem]:
+    """Every manifest file with its local name: ``<Type>.ndjson`` when a type has one output
+    file, else ``<Type>.1.ndjson``, ``<Type>.2.ndjson``, ... in manifest order; then
+    ``_deleted.<n>.ndjson`` and ``_error.<n>.ndjson``."""
+    items: list[_FileItem] = []
+    outputs = manifest["output"]
+    per_type: dict[str, int] = {}
+    for output in outputs:
+        per_type[output["type"]] = per_type.get(output["type"], 0) + 1
+    seen: dict[str, int] = {}
+    for index, output in enumerate(outputs):
+        resource_type = str(output["type"])
+        seen[resource_type] = seen.get(resource_type, 0) + 1
+        name = (
+            f"{resource_type}.ndjson"
+            if per_type[resource_type] == 1
+            else f"{resource_type}.{seen[resource_type]}.ndjson"
+        )
+        items.append(_file_item("output", index, output, name))
+    for kind in ("deleted", "error"):
+        for index, entry in enumerate(manifest.get(kind, [])):
+            items.append(_file_item(kind, index, entry, f"_{kind}.{index + 1}.ndjson"))
+    return items
+
+
+@dataclass(frozen=True)
+class ManifestComparison:
+    """The lines staged for one resource type against the counts its manifest states.
+
+    ``manifest_count`` sums ``output[].count`` over the type's files that state one (None: no
+    file does; the IG makes ``count`` optional); ``staged_lines`` counts the non-blank lines of
+    all the type's files on disk; ``mismatched_files`` are the local names of files whose lines
+    differ from their stated count (a missing file has 0 lines)."""
+
+    manifest_count: int | None
+    staged_lines: int
+    files: int
+    files_without_count: int
+    mismatched_files: tuple[str, ...]
+
+    @property
+    def matches(self) -> bool:
+        return not self.mismatched_files
+
+
+def compare_with_manifest(
+    manifest: Mapping[str, Any], folder: Path, resource_type: str
+) -> ManifestComparison:
+    """Re-count the staged files of ``resource_type`` in ``folder`` against ``manifest``."""
+    stated: int | None = None
+    staged = without_count = 0
+    mismatched: list[str] = []
+    outputs = [i for i in _plan_files(manifest) if i.kind == "output"]
+    mine = [item for item in outputs if item.resource_type == resource_type]
+    for item in mine:
+        path = folder / item.name
+        lines = sum(1 for _ in _iter_lines([path])) if path.is_file() else 0
+        staged += lines
+        if item.count is None:
+            without_count += 1
+            continue
+        stated = (stated or 0) + item.count
+        if lines != item.count:
+            mismatched.append(item.name)
+    return ManifestComparison(
+        manifest_count=stated,
+        staged_lines=staged,
+        files=len(mine),
+        files_without_count=without_count,
+        mismatched_files=tuple(mismatched),
+    )
+
+
+@dataclass(frozen=True)
+class _SevereOutcomes:
+    """OperationOutcomes of severity error or fatal in error[], and the resource types their
+    issues name (``expression``/``location``); diagnostics are never read: they may hold PHI."""
+
+    outcomes: int = 0
+    types: frozenset[str] = frozenset()
+    unattributed: int = 0
+
+    def types_to_hold_back(self, types: Sequence[str]) -> tuple[str, ...]:
+        """Which of ``types`` (a request's types, ``*`` for all) keep their watermark: those
+        an outcome names, or every one when an outcome names none of them, since nothing says
+        which resources it lost. ``*`` is held whenever any type is, or a system export
+        without ``_type`` would skip what that type failed to deliver."""
+        if not self.outcomes:
+            return ()
+        named = [name for name in types if name in self.types]
+        if self.unattributed or not named:
+            return tuple(types)
+        held = set(named) | ({ALL_TYPES} & set(types))
+        return tuple(name for name in types if name in held)
+
+
+_RESOURCE_TYPE_PREFIX = re.compile(r"[A-Z][A-Za-z]+")
+
+
+def _severe_outcomes(error_files: Sequence[Path]) -> _SevereOutcomes:
+    outcomes = unattributed = 0
+    types: set[str] = set()
+    for line in _iter_lines(error_files):
+        try:
+            outcome = json.loads(line)
+        except json.JSONDecodeError:
+            outcomes += 1
+            unattributed += 1
+            continue
+        issues = outcome.get("issue", []) if isinstance(outcome, dict) else []
+        severe = [
+            issue
+            for issue in (issues if isinstance(issues, list) else [])
+            if isinstance(issue, dict) and issue.get("severity") in ("error", "fatal")
+        ]
+        if not severe:
+            continue
+        outcomes += 1
+        named = {
+            match.group()
+            for issue in severe
+            for path in [*_strings(issue.get("expression")), *_strings(issue.get("location"))]
+            if (match := _RESOURCE_TYPE_PREFIX.match(path))
+        }
+        types |= named
+        unattributed += 0 if named else 1
+    return _SevereOutcomes(outcomes=outcomes, types=frozenset(types), unattributed=unattributed)
+
+
+def _strings(value: Any) -> list[str]:
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 def _file_item(kind: str, index: int, entry: Mapping[str, Any], name: str) -> _FileItem:
@@ -1230,7 +1340,7 @@ def _outcome_summary(error_files: Sequence[Path]) -> tuple[int, dict[str, int]]:
     return outcomes, counts
 
 
-# --- downstream helpers: deletions and de-duplication ---------------------------------------
+# --- downstream helpers: deletions ---------------------------------------
 def iter_deleted_references(paths: Sequence[Path]) -> Iterator[str]:
     """``Type/id`` of every DELETE entry in the manifest's deleted[] transaction Bundles."""
     for line in _iter_lines(paths):
@@ -1255,105 +1365,15 @@ def deleted_references_in_line(line: bytes | str) -> list[str]:
     return references
 
 
-@dataclass(frozen=True)
-class DedupStats:
-    read: int
-    kept: int
-    duplicates: int
-    excluded: int
-
-
-def _version_rank(resource: Mapping[str, Any]) -> tuple[dt.datetime, int]:
-    meta = resource.get("meta")
-    meta = meta if isinstance(meta, dict) else {}
-    updated = dt.datetime.min.replace(tzinfo=dt.UTC)
-    if isinstance(meta.get("lastUpdated"), str):
-        with contextlib.suppress(ValueError):
-            updated = _instant(meta["lastUpdated"])
-    version = str(meta.get("versionId", ""))
-    # Medplum's versionIds are UUIDs, not counters: only numeric ones can order versions.
-    return updated, int(version) if version.isdigit() else -1
-
-
-def iter_latest_resources(
-    paths: Sequence[Path], *, exclude: Container[str] = ()
-) -> Iterator[tuple[Path, int, bytes]]:
-    """Yield ``(file, line number, raw line)`` for the newest version of each resource.
-
-    Exports that overlap at the `_since` boundary (or a server that sends a resource twice)
-    leave several copies of one ``Type/id``; the copy with the latest ``meta.lastUpdated``
-    wins, then the higher numeric ``meta.versionId``, then the later position (later file,
-    later line), so the newest export wins ties. ``exclude`` drops references (e.g. from
-    ``iter_deleted_references``). Lines without an id are passed through.
-
-    Two streaming passes: the first keeps only an index of ``Type/id`` to winner position,
-    the second re-reads the files, so memory grows with the number of distinct resources,
-    never with their size. Lines come out in file order, with their original line numbers,
-    as ``run_gate`` reports them.
-    """
-    winners: dict[str, tuple[tuple[dt.datetime, int], int, int]] = {}
-    for file_index, path in enumerate(paths):
-        with path.open("rb") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                key, rank = _identity(line)
-                if key is None:
-                    continue
-                position = (rank, file_index, line_number)
-                best = winners.get(key)
-                if best is None or position > best:
-                    winners[key] = position
-    for file_index, path in enumerate(paths):
-        with path.open("rb") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                key, rank = _identity(line)
-                is_winner = key is not None and winners[key] == (rank, file_index, line_number)
-                if key is None or (is_winner and key not in exclude):
-                    yield path, line_number, line
-
-
-def _identity(line: bytes) -> tuple[str | None, tuple[dt.datetime, int]]:
-    floor = (dt.datetime.min.replace(tzinfo=dt.UTC), -1)
-    if not line.strip():
-        return None, floor
-    try:
-        resource = json.loads(line)
-    except json.JSONDecodeError:
-        return None, floor
-    if not isinstance(resource, dict) or not resource.get("id"):
-        return None, floor
-    return f"{resource.get('resourceType')}/{resource['id']}", _version_rank(resource)
-
-
-def dedup_ndjson(
-    paths: Sequence[Path], target: Path, *, exclude: Container[str] = ()
-) -> DedupStats:
-    """Write the newest version of each resource in ``paths`` to ``target`` (atomically)."""
-    read = excluded = kept = 0
-    for line in _iter_lines(paths):
-        read += 1
-        key = _identity(line)[0] if exclude else None
-        excluded += 1 if key is not None and key in exclude else 0
-    partial = target.with_name(target.name + ".part")
-    with partial.open("wb") as handle:
-        for _path, _number, line in iter_latest_resources(paths, exclude=exclude):
-            handle.write(line if line.endswith(b"\n") else line + b"\n")
-            kept += 1
-    os.replace(partial, target)
-    return DedupStats(read=read, kept=kept, duplicates=read - kept - excluded, excluded=excluded)
-
-
 __all__ = [
     "BulkDataClient",
-    "DedupStats",
     "ExportConfig",
     "ExportProgress",
     "ExportRequest",
     "ExportResult",
-    "dedup_ndjson",
+    "ManifestComparison",
+    "compare_with_manifest",
     "deleted_references_in_line",
     "iter_deleted_references",
-    "iter_latest_resources",
     "retry_after_seconds",
 ]

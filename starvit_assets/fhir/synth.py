@@ -10,7 +10,8 @@ name (to prove it never crosses the de-identification gate).
 
 Data-quality faults are planted on purpose at ``fault_rate`` (see ``FAULT_KINDS``), drawn from
 a second per-patient generator so that the clean data does not change with the rate; every
-fault is listed in ``truth.json`` next to the NDJSON. Body height, weight and BMI observations
+fault is listed in ``truth.json`` next to the NDJSON, and so is every height and weight
+Observation recorded in inches or pounds (``IMPERIAL_UNITS``, not a fault). Body height, weight and BMI observations
 only ever get exact duplicates: downstream BMI must stay hand-checkable from the source.
 
 Research Consent resources (``Consent.ndjson``) come from a third per-patient generator, so
@@ -52,6 +53,11 @@ FAULT_KINDS = (
     "duplicate_person",
     "malformed_date",
 )
+# Not a fault: every height and weight Observation recorded in inches or pounds, listed in
+# truth.json next to the faults so that tests find the imperial measurements without guessing.
+IMPERIAL_UNITS = "imperial_units"
+IMPERIAL_CODES = frozenset({"[in_i]", "[lb_av]"})
+TRUTH_KINDS = (*FAULT_KINDS, IMPERIAL_UNITS)
 TRUTH_FILE = "truth.json"
 # The true person of every Patient record (``persons.json``): what record linkage must find.
 PERSONS_FILE = "persons.json"
@@ -985,12 +991,12 @@ class _Writer:
             )
             for name in RESOURCE_TYPES
         }
-        # Faults spill to temporary files so the truth file costs no memory at any scale.
+        # Truth entries spill to temporary files so the truth file costs no memory at any scale.
         self.spills: dict[str, IO[str]] = {
             kind: stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
-            for kind in FAULT_KINDS
+            for kind in TRUTH_KINDS
         }
-        self.spilled = dict.fromkeys(FAULT_KINDS, 0)
+        self.spilled = dict.fromkeys(TRUTH_KINDS, 0)
         self.persons = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
         self.persons_written = 0
         self.consents = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
@@ -1002,6 +1008,7 @@ class _Writer:
         }
 
     def fault(self, kind: str, resource_type: str, resource_id: str, detail: Any) -> None:
+        """One entry of ``truth.json`` under ``kind`` (a fault, or ``IMPERIAL_UNITS``)."""
         entry = {"resource_type": resource_type, "id": resource_id, "detail": detail}
         self.spills[kind].write(self.encode(entry) + "\n")
         self.spilled[kind] += 1
@@ -1046,7 +1053,7 @@ class _Writer:
     def write_truth(self, path: Path) -> None:
         with path.open("w", encoding="utf-8", newline="\n") as truth:
             truth.write("{")
-            for position, kind in enumerate(FAULT_KINDS):
+            for position, kind in enumerate(TRUTH_KINDS):
                 truth.write(("," if position else "") + f"\n{json.dumps(kind)}: [")
                 spill = self.spills[kind]
                 spill.seek(0)
@@ -1133,6 +1140,13 @@ def generate(
                     writer.write("Patient", extra, _NONE, faults)
             writer.person(person, records)
             for resource_type, resource, kinds in _patient_resources(rng, patient, full_name, age):
+                if resource_type == "Observation":
+                    unit = resource["valueQuantity"].get("code")
+                    if unit in IMPERIAL_CODES:
+                        # Recorded before write(): the unit as generated, which faults never
+                        # change on height and weight.
+                        detail = {"field": "valueQuantity.code", "value": unit}
+                        writer.fault(IMPERIAL_UNITS, "Observation", resource["id"], detail)
                 writer.write(resource_type, resource, kinds, faults)
             consent_rng = random.Random(f"{prefix}/consent")
             case, consents = _consents(consent_rng, patient["id"])

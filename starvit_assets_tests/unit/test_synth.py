@@ -15,10 +15,13 @@ from starvit_assets.fhir.synth import (
     BODY_MEASURES,
     FAULT_KINDS,
     GIVEN_NAMES,
+    IMPERIAL_CODES,
+    IMPERIAL_UNITS,
     LOINC,
     OBSERVATION_CODES,
     RESOURCE_TYPES,
     TRUTH_FILE,
+    TRUTH_KINDS,
     UCUM,
     UCUM_UNITS,
     UNKNOWN_LOINC,
@@ -105,7 +108,7 @@ def test_patient_i_is_the_same_whatever_the_number_of_patients(tmp_path: Path) -
         ten = (tmp_path / "ten" / f"{resource_type}.ndjson").read_bytes()
         assert ten.startswith(five) and len(ten) > len(five), resource_type
     five_truth, ten_truth = _truth(tmp_path / "five"), _truth(tmp_path / "ten")
-    for kind in FAULT_KINDS:
+    for kind in TRUTH_KINDS:
         assert ten_truth[kind][: len(five_truth[kind])] == five_truth[kind]
 
 
@@ -123,7 +126,7 @@ def test_counts_match_the_files_and_average_about_a_hundred_per_patient(
     for resource_type in ("Condition", "MedicationRequest", "Procedure", "Immunization"):
         assert 0.8 <= per_patient[resource_type] <= 5, resource_type
     assert 0.2 <= per_patient["AllergyIntolerance"] <= 1.5
-    assert not (folder / TRUTH_FILE).read_text().count('"id"')
+    assert not any(_truth(folder)[kind] for kind in FAULT_KINDS)
 
 
 def test_every_reference_resolves_and_agrees_on_the_patient(
@@ -153,7 +156,7 @@ def test_clean_data_is_coded_with_ucum_units_and_parseable_dates(
     clean: tuple[Path, dict[str, int]],
 ) -> None:
     resources = _load(clean[0])
-    assert all(not entries for entries in _truth(clean[0]).values())
+    assert all(not _truth(clean[0])[kind] for kind in FAULT_KINDS)
     for resource_type, items in resources.items():
         ids = [r["id"] for r in items]
         assert len(ids) == len(set(ids)), resource_type
@@ -217,15 +220,15 @@ def test_names_appear_only_in_patients_and_weight_notes(faulty: Path) -> None:
 def test_every_fault_in_the_truth_file_is_in_the_output(faulty: Path) -> None:
     resources = _load(faulty)
     truth = _truth(faulty)
-    assert set(truth) == set(FAULT_KINDS)
+    assert set(truth) == set(TRUTH_KINDS)
     assert all(truth[kind] for kind in FAULT_KINDS), {k: len(v) for k, v in truth.items()}
     by_id: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for resource_type, items in resources.items():
         for resource in items:
             by_id.setdefault((resource_type, resource["id"]), []).append(resource)
 
-    for kind, entries in truth.items():
-        for entry in entries:
+    for kind in FAULT_KINDS:
+        for entry in truth[kind]:
             found = by_id[(entry["resource_type"], entry["id"])]
             resource, detail = found[0], entry["detail"]
             assert len(found) == (2 if kind == "duplicate_resource" else 1), (kind, entry)
@@ -436,3 +439,87 @@ def test_consent_cases_are_what_the_gate_rule_decides(tmp_path: Path) -> None:
         assert opt_outs.consents_read == len(consents)
     # No fault is ever planted in a Consent.
     assert "Consent" not in {e["resource_type"] for kind in _truth(tmp_path).values() for e in kind}
+
+
+def test_imperial_measurements_are_listed_in_the_truth_file(
+    clean: tuple[Path, dict[str, int]], faulty: Path
+) -> None:
+    observations = _load(clean[0])["Observation"]
+    listed = _truth(clean[0])[IMPERIAL_UNITS]
+    imperial = {
+        o["id"]: o["valueQuantity"]["code"]
+        for o in observations
+        if o["valueQuantity"]["code"] in IMPERIAL_CODES
+    }
+    assert {e["id"]: e["detail"]["value"] for e in listed} == imperial
+    assert all(e["resource_type"] == "Observation" for e in listed)
+    assert all(e["detail"]["field"] == "valueQuantity.code" for e in listed)
+    by_id = {o["id"]: o for o in observations}
+    units = {"8302-2": "[in_i]", "29463-7": "[lb_av]"}
+    assert all(units[by_id[i]["code"]["coding"][0]["code"]] == unit for i, unit in imperial.items())
+    # A patient is measured in one system: all their heights and weights, or none.
+    patients: dict[str, set[bool]] = {}
+    for o in observations:
+        if o["code"]["coding"][0]["code"] in units:
+            patients.setdefault(o["subject"]["reference"], set()).add(o["id"] in imperial)
+    assert all(len(kinds) == 1 for kinds in patients.values())
+    share = sum(kinds == {True} for kinds in patients.values()) / len(patients)
+    assert 0.15 <= share <= 0.55
+    # Not a fault: the same list whatever the fault rate.
+    assert _truth(faulty)[IMPERIAL_UNITS] == listed
+
+
+def test_cli_fault_rate_plants_the_same_faults_as_the_library(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from starvit_assets.cli import main
+
+    assert (
+        main(
+            [
+                "fhir",
+                "synth",
+                "--patients",
+                "4",
+                "--seed",
+                "3",
+                "--fault-rate",
+                "0.3",
+                "--out",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
+    generate(tmp_path / "lib", patients=4, seed=3, fault_rate=0.3)
+    truth = _truth(tmp_path / "cli")
+    assert sum(len(truth[kind]) for kind in FAULT_KINDS) > 0
+    for name in [f"{t}.ndjson" for t in RESOURCE_TYPES] + [TRUTH_FILE]:
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes()
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_cli_fault_rate_outside_zero_to_one_is_one_clear_line(
+    value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from starvit_assets.cli import EXIT_USER_ERROR, main
+
+    out = tmp_path / "out"
+    code = main(["fhir", "synth", "--patients", "2", "--fault-rate", value, "--out", str(out)])
+    assert code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("starvit: error: --fault-rate must be between 0 and 1")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_fault_rate_that_is_no_number_is_refused_by_the_parser(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from starvit_assets.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["fhir", "synth", "--fault-rate", "often", "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    assert "argument --fault-rate: invalid float value: 'often'" in capsys.readouterr().err
