@@ -27,7 +27,7 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -976,8 +976,15 @@ def person_id(seed: int, index: int, source: str = DEFAULT_SOURCE) -> str:
 class _Writer:
     """Streams resources to ``<Type>.ndjson`` and faults to per-kind spill files."""
 
-    def __init__(self, stack: ExitStack, out_dir: Path, fault_rate: float) -> None:
+    def __init__(
+        self,
+        stack: ExitStack,
+        out_dir: Path,
+        fault_rate: float,
+        fault_rates: Mapping[str, float] | None = None,
+    ) -> None:
         self.fault_rate = fault_rate
+        self.fault_rates = fault_rates
         self.counts = dict.fromkeys(RESOURCE_TYPES, 0)
         self.handles = {
             name: stack.enter_context(
@@ -1016,8 +1023,13 @@ class _Writer:
         copies = 1
         fast = resource_type == "Observation" and "note" not in resource
         # One draw per resource whatever the rate: which resources get a fault is stable.
-        if faults.random() < self.fault_rate and kinds:
+        draw = faults.random()
+        kind: str | None = None
+        if self.fault_rates is not None:
+            kind = _kind_by_rate(draw, kinds, self.fault_rates)
+        elif draw < self.fault_rate and kinds:
             kind = faults.choices(kinds, self.weights[kinds])[0]
+        if kind is not None:
             detail = _apply_fault(kind, resource_type, resource, faults)
             self.fault(kind, resource_type, resource["id"], detail)
             if kind == "duplicate_resource":
@@ -1056,6 +1068,16 @@ class _Writer:
             truth.write("\n}\n")
 
 
+def _kind_by_rate(draw: float, kinds: tuple[str, ...], rates: Mapping[str, float]) -> str | None:
+    """The kind ``draw`` falls on when each kind that fits takes its own share of [0, 1)."""
+    threshold = 0.0
+    for kind in kinds:
+        threshold += rates.get(kind, 0.0)
+        if draw < threshold:
+            return kind
+    return None
+
+
 def _write_listing(
     path: Path, source: str, seed: int, key: str, spill: IO[str], written: int
 ) -> None:
@@ -1074,6 +1096,7 @@ def generate(
     seed: int,
     fault_rate: float = DEFAULT_FAULT_RATE,
     *,
+    fault_rates: Mapping[str, float] | None = None,
     duplicate_rate: float = 0.0,
     source: str = DEFAULT_SOURCE,
     overlap: float = 0.0,
@@ -1088,10 +1111,16 @@ def generate(
     than ``DEFAULT_SOURCE`` is another data holder: with probability ``overlap`` its person
     ``i`` is the default source's person ``i`` (same seed) under its own ids and MRN. The
     true person of every record is in ``persons.json``.
+
+    ``fault_rates`` plants only the kinds it names, each at its own rate, instead of
+    ``fault_rate`` over every kind: e.g. ``{"duplicate_person": 0.1, "unknown_code": 0.002}``
+    gives linked duplicate persons and a few unknown codes, and no other fault.
     """
     for name, rate in (("fault_rate", fault_rate), ("duplicate_rate", duplicate_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1")
+    if fault_rates is not None:
+        _check_fault_rates(fault_rates, fault_rate)
     if not 0.0 <= overlap <= 1.0:
         raise ValueError("overlap must be between 0 and 1")
     if source == DEFAULT_SOURCE and overlap:
@@ -1099,7 +1128,10 @@ def generate(
     own_source = source != DEFAULT_SOURCE
     out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        writer = _Writer(stack, out_dir, fault_rate)
+        writer = _Writer(stack, out_dir, fault_rate, fault_rates)
+        person_fault_rate = (
+            fault_rate if fault_rates is None else fault_rates.get("duplicate_person", 0.0)
+        )
         for index in range(patients):
             # The default source keeps its streams as they always were; another source draws
             # its own, so that its data differs from the default source's but for the overlap.
@@ -1119,7 +1151,7 @@ def generate(
             else:
                 records.append(_record(source, patient, "original", []))
             duplicate = None
-            if faults.random() < fault_rate:
+            if faults.random() < person_fault_rate:
                 duplicate, detail = _duplicate_person(faults, patient)
                 writer.fault("duplicate_person", "Patient", duplicate["id"], detail)
                 records.append(_record(source, duplicate, "linked_duplicate", []))
@@ -1146,6 +1178,21 @@ def generate(
         writer.write_persons(out_dir / PERSONS_FILE, source, seed)
         writer.write_consents(out_dir / CONSENTS_FILE, source, seed)
     return writer.counts
+
+
+def _check_fault_rates(fault_rates: Mapping[str, float], fault_rate: float) -> None:
+    if fault_rate:
+        raise ValueError("give fault_rate or fault_rates, not both")
+    unknown = sorted(set(fault_rates) - set(FAULT_KINDS))
+    if unknown:
+        raise ValueError(
+            f"unknown fault kinds {', '.join(unknown)}: choose from {', '.join(FAULT_KINDS)}"
+        )
+    if any(not 0.0 <= rate <= 1.0 for rate in fault_rates.values()):
+        raise ValueError("every rate of fault_rates must be between 0 and 1")
+    # One draw decides a resource's fault: the kinds that fit one resource share it.
+    if sum(rate for kind, rate in fault_rates.items() if kind != "duplicate_person") > 1.0:
+        raise ValueError("the rates of fault_rates other than duplicate_person exceed 1 in total")
 
 
 def _record(
