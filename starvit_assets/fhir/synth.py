@@ -143,33 +143,43 @@ STREETS = ("Maple Avenue", "Harbor Road", "Cedar Lane", "Mill Street", "Orchard 
 OFFSETS = ("Z", "+02:00", "-05:00", "+05:30", "-08:00", "+01:00")
 
 CONDITIONS = (
-    ("38341003", "Hypertensive disorder", "I10", "Essential (primary) hypertension"),
+    ("38341003", "High blood pressure", "I10", "Essential (primary) hypertension"),
     (
         "44054006",
-        "Diabetes mellitus type 2",
+        "Type 2 diabetes (long-term high blood sugar)",
         "E11.9",
         "Type 2 diabetes mellitus without complications",
     ),
-    ("195967001", "Asthma", "J45.909", "Unspecified asthma, uncomplicated"),
-    ("414916001", "Obesity", "E66.9", "Obesity, unspecified"),
-    ("55822004", "Hyperlipidemia", "E78.5", "Hyperlipidemia, unspecified"),
+    (
+        "195967001",
+        "Asthma (recurring narrowing of the airways)",
+        "J45.909",
+        "Unspecified asthma, uncomplicated",
+    ),
+    ("414916001", "Body weight far above the healthy range", "E66.9", "Obesity, unspecified"),
+    ("55822004", "Raised blood fats", "E78.5", "Hyperlipidemia, unspecified"),
     (
         "35489007",
-        "Depressive disorder",
+        "Depression (lasting low mood)",
         "F32.9",
         "Major depressive disorder, single episode, unspecified",
     ),
-    ("279039007", "Low back pain", "M54.50", "Low back pain, unspecified"),
+    ("279039007", "Pain in the lower back", "M54.50", "Low back pain, unspecified"),
     (
         "235595009",
-        "Gastroesophageal reflux disease",
+        "Stomach acid rising into the gullet",
         "K21.9",
         "Gastro-esophageal reflux disease without esophagitis",
     ),
-    ("61582004", "Allergic rhinitis", "J30.9", "Allergic rhinitis, unspecified"),
+    (
+        "61582004",
+        "Hay fever (sneezing and runny nose from allergy)",
+        "J30.9",
+        "Allergic rhinitis, unspecified",
+    ),
     (
         "68566005",
-        "Urinary tract infectious disease",
+        "Infection of the bladder or kidneys",
         "N39.0",
         "Urinary tract infection, site not specified",
     ),
@@ -187,14 +197,14 @@ MEDICATIONS = (
 
 
 PROCEDURES = (
-    ("430193006", "Medication reconciliation (procedure)"),
-    ("171207006", "Depression screening (procedure)"),
-    ("710824005", "Assessment of health and social care needs (procedure)"),
-    ("162673000", "General examination of patient (procedure)"),
-    ("29303009", "Electrocardiographic procedure"),
-    ("399208008", "Plain chest X-ray (procedure)"),
-    ("117015009", "Throat culture (procedure)"),
-    ("73761001", "Colonoscopy (procedure)"),
+    ("430193006", "Review of the medicines a patient takes"),
+    ("171207006", "Questions to look for depression"),
+    ("710824005", "Review of health and care support needs"),
+    ("162673000", "General physical check by a clinician"),
+    ("29303009", "Heart tracing (ECG)"),
+    ("399208008", "X-ray picture of the chest"),
+    ("117015009", "Throat swab sent to the lab to grow germs"),
+    ("73761001", "Camera look inside the large bowel"),
 )
 VACCINES = (
     ("140", "Influenza, seasonal, injectable, preservative free"),
@@ -208,28 +218,28 @@ VACCINES = (
     ("03", "MMR"),
 )
 ALLERGIES = (
-    ("91936005", "Allergy to penicillin", "medication", "high"),
-    ("300916003", "Latex allergy", "environment", "low"),
-    ("91935009", "Allergy to peanuts", "food", "high"),
-    ("300913006", "Shellfish allergy", "food", "high"),
-    ("418689008", "Allergy to grass pollen", "environment", "low"),
-    ("232350006", "House dust mite allergy", "environment", "low"),
-    ("232347008", "Dander (animal) allergy", "environment", "low"),
-    ("91930004", "Allergy to eggs", "food", "low"),
+    ("91936005", "Allergic to penicillin antibiotics", "medication", "high"),
+    ("300916003", "Allergic to latex rubber", "environment", "low"),
+    ("91935009", "Allergic to peanuts", "food", "high"),
+    ("300913006", "Allergic to shellfish", "food", "high"),
+    ("418689008", "Allergic to grass pollen", "environment", "low"),
+    ("232350006", "Allergic to house dust mites", "environment", "low"),
+    ("232347008", "Allergic to pet hair and skin flakes", "environment", "low"),
+    ("91930004", "Allergic to eggs", "food", "low"),
 )
 REACTIONS = (
-    ("271807003", "Eruption of skin"),
-    ("247472004", "Wheal"),
-    ("49727002", "Cough"),
-    ("267036007", "Dyspnea"),
-    ("39579001", "Anaphylaxis"),
+    ("271807003", "Skin rash"),
+    ("247472004", "Raised itchy bump on the skin"),
+    ("49727002", "Coughing"),
+    ("267036007", "Short of breath"),
+    ("39579001", "Severe whole-body allergic reaction"),
 )
 ENCOUNTER_TYPES = (
-    ("185349003", "Encounter for check up", "AMB"),
-    ("185349003", "Encounter for check up", "AMB"),
-    ("390906007", "Follow-up encounter", "AMB"),
-    ("50849002", "Emergency room admission", "EMER"),
-    ("32485007", "Hospital admission", "IMP"),
+    ("185349003", "Routine check-up visit", "AMB"),
+    ("185349003", "Routine check-up visit", "AMB"),
+    ("390906007", "Follow-up visit", "AMB"),
+    ("50849002", "Visit to the emergency department", "EMER"),
+    ("32485007", "Admitted to hospital", "IMP"),
 )
 
 # (LOINC, display, UCUM code, human unit, category): the body measures first; downstream knows

@@ -1,9 +1,11 @@
 """Per-kind fault rates of the generator (what the demo plants): linked duplicate persons and
-a few unknown codes, and no other fault."""
+a few unknown codes, and no other fault; and the SNOMED CT labels the generator writes are the
+shipped, Starvit-written ones."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 
 from starvit_assets.fhir import synth
 from starvit_assets.fhir.synth import FAULT_KINDS, PERSONS_FILE, TRUTH_FILE, generate
+from starvit_assets.terminology.local import CONTENT_DIR
 
 RATES = {"duplicate_person": 0.2, "unknown_code": 0.01}
 
@@ -77,3 +80,30 @@ def test_bad_fault_rates_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         generate(tmp_path, patients=1, seed=1, **arguments)
+
+
+# SNOMED CT's semantic tags end its fully specified names: "(procedure)", "(disorder)", ...
+_SEMANTIC_TAG = re.compile(
+    r"\((procedure|disorder|finding|situation|event|observable entity|regime/therapy|"
+    r"substance|body structure|qualifier value|morphologic abnormality|clinical drug|"
+    r"product|specimen|environment)\)\s*$"
+)
+
+
+def _snomed_labels() -> dict[str, str]:
+    content = json.loads((CONTENT_DIR / "CodeSystem-snomed-ct.json").read_text())
+    return {concept["code"]: concept["display"] for concept in content["concept"]}
+
+
+def test_the_generator_writes_the_shipped_starvit_labels_for_snomed_codes() -> None:
+    shipped = _snomed_labels()
+    written = {row[0]: row[1] for row in (*synth.PROCEDURES, *synth.REACTIONS)}
+    written |= {row[0]: row[1] for row in (*synth.ALLERGIES, *synth.ENCOUNTER_TYPES)}
+    written |= {snomed: display for snomed, display, _, _ in synth.CONDITIONS}
+    assert written == shipped
+    assert not [label for label in shipped.values() if _SEMANTIC_TAG.search(label)]
+    for name in ("ValueSet-synthetic-conditions.json", "ConceptMap-snomed-to-icd-10-cm.json"):
+        text = (CONTENT_DIR / name).read_text()
+        displays = re.findall(r'"code": "(\d+)",\s*"display": "([^"]*)"', text)
+        snomed = [(code, label) for code, label in displays if code in shipped]
+        assert snomed and all(shipped[code] == label for code, label in snomed), name
