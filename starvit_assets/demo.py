@@ -12,11 +12,11 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -25,7 +25,7 @@ from starvit_assets import platform
 from starvit_assets.settings import DBT_PROJECT_DIR, StarvitSettings, load_settings
 
 if TYPE_CHECKING:
-    from dagster import AssetKey
+    from dagster import AssetKey, DagsterInstance
 
 SOURCE_MARKER = ".starvit-synth.json"
 
@@ -40,6 +40,10 @@ class RunSummary:
     # Non-blocking checks that did not pass (severity WARN): reported, not a failed run.
     checks_warned: list[str] = field(default_factory=list)
     failed_steps: list[str] = field(default_factory=list)
+    # The last materialization metadata of each asset, and evaluation metadata of each check,
+    # as plain values (counts and shares: the assets put no identifying value there).
+    asset_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # Share of synthetic persons given a second, unlinked Patient record (docs/linkage.md): the
@@ -74,6 +78,7 @@ def materialize_all(
     log_path: Path | None = None,
     asset_keys: Sequence[AssetKey] | None = None,
     incremental: bool = False,
+    instance: DagsterInstance | None = None,
 ) -> RunSummary:
     """Run the ``full_lineage`` job in process against the persistent instance.
 
@@ -81,7 +86,8 @@ def materialize_all(
     source folder, whatever its resources' ``meta.lastUpdated``; with ``incremental``, the
     export asks only for what changed since the last one (and gets the deletions since
     then). With ``log_path``, the run's console output (Dagster's and dbt's) goes to that
-    file; with ``asset_keys``, only those assets (and their checks) run.
+    file; with ``asset_keys``, only those assets (and their checks) run; with ``instance``,
+    the run is recorded there instead of in the persistent instance.
     """
     from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance
 
@@ -103,7 +109,8 @@ def materialize_all(
             stack.enter_context(redirect_stdout(log_file))
             stack.enter_context(redirect_stderr(log_file))
             stack.enter_context(_root_logging_to(log_file))
-        instance = stack.enter_context(DagsterInstance.get())
+        if instance is None:
+            instance = stack.enter_context(DagsterInstance.get())
         result = job.execute_in_process(
             instance=instance,
             raise_on_error=False,
@@ -115,10 +122,13 @@ def materialize_all(
     for event in result.all_events:
         if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             materialization = event.step_materialization_data.materialization
-            summary.materialized.append(materialization.asset_key.to_user_string())
+            name = materialization.asset_key.to_user_string()
+            summary.materialized.append(name)
+            summary.asset_metadata[name] = _plain(materialization.metadata)
         elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.asset_check_evaluation_data
             name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+            summary.check_metadata[name] = _plain(evaluation.metadata)
             if evaluation.passed:
                 summary.checks_passed.append(name)
             elif evaluation.severity == AssetCheckSeverity.WARN:
@@ -128,6 +138,10 @@ def materialize_all(
         elif event.event_type == DagsterEventType.STEP_FAILURE and event.step_key:
             summary.failed_steps.append(event.step_key)
     return summary
+
+
+def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: getattr(value, "value", value) for key, value in metadata.items()}
 
 
 @contextmanager
