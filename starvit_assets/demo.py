@@ -49,6 +49,12 @@ class RunSummary:
 # Share of synthetic persons given a second, unlinked Patient record (docs/linkage.md): the
 # demo's person linkage has duplicates to find; persons.json beside the data has the truth.
 DEMO_DUPLICATE_RATE = 0.1
+# The only faults planted in the demo data (truth.json): a linked duplicate record (Patient.link,
+# replaced-by or seealso) for one person in ten, and a few unknown LOINC codes for the
+# terminology check (a handful among thousands of coded rows: docs/terminology.md).
+DEMO_FAULT_RATES = {"duplicate_person": 0.1, "unknown_code": 0.002}
+LINKAGE_ASSET = "linkage/person_patient_map"
+TERMINOLOGY_CHECK = "terminology/code_validation:valid_code_share"
 
 
 def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -> Path:
@@ -61,6 +67,7 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
         "patients": patients,
         "seed": seed,
         "duplicate_rate": DEMO_DUPLICATE_RATE,
+        "fault_rates": DEMO_FAULT_RATES,
         "consents": True,
     }
     marker = folder / SOURCE_MARKER
@@ -68,7 +75,13 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
         return folder
     if folder.exists():
         shutil.rmtree(folder)
-    generate(folder, patients=patients, seed=seed, duplicate_rate=DEMO_DUPLICATE_RATE)
+    generate(
+        folder,
+        patients=patients,
+        seed=seed,
+        fault_rates=DEMO_FAULT_RATES,
+        duplicate_rate=DEMO_DUPLICATE_RATE,
+    )
     marker.write_text(json.dumps(wanted))
     return folder
 
@@ -228,6 +241,10 @@ def _print_summary(
         print(f"  FAILED check {name}")
     for step in summary.failed_steps:
         print(f"  FAILED step {step}")
+    for line in linkage_summary(summary.asset_metadata.get(LINKAGE_ASSET, {})):
+        print(line)
+    for line in terminology_summary(summary.check_metadata.get(TERMINOLOGY_CHECK, {})):
+        print(line)
     print("Rows per table:")
     for table, count in counts.items():
         print(f"  {table:<45} {count:>9}")
@@ -237,3 +254,36 @@ def _print_summary(
     print(f"  dbt project           {DBT_PROJECT_DIR}")
     print(f"  warehouse DSN         {dsn}")
     print("Open the UI: make dev   (then http://127.0.0.1:3000)")
+
+
+def linkage_summary(metadata: Mapping[str, Any]) -> list[str]:
+    """The linkage rates of the person map's materialization, as summary lines."""
+    if "patients" not in metadata:
+        return []
+    lines = [
+        f"Record linkage: {metadata['patients']} patient records -> {metadata['persons']} "
+        f"persons; {metadata['patients_linked']} records linked "
+        f"({metadata['share_linked']:.1%}), {metadata['sources']} source(s)"
+    ]
+    rules = [
+        f"{name.removeprefix('linked_by_')} {count}"
+        for name, count in metadata.items()
+        if name.startswith("linked_by_")
+    ]
+    lines.append(f"  linked by rule: {', '.join(rules)}")
+    return lines
+
+
+def terminology_summary(metadata: Mapping[str, Any]) -> list[str]:
+    """The valid-code share per code system of the terminology check, as summary lines."""
+    by_system = metadata.get("by_code_system")
+    if not by_system:
+        return []
+    lines = ["Valid codes per code system (terminology check):"]
+    for system, share in by_system.items():
+        known = "" if share["system_known"] else "  (unknown system)"
+        lines.append(
+            f"  {system:<45} {share['valid_share']:>7.2%} of {share['coded_rows']} coded rows"
+            f"{known}"
+        )
+    return lines
