@@ -12,11 +12,11 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -25,7 +25,7 @@ from starvit_assets import platform
 from starvit_assets.settings import DBT_PROJECT_DIR, StarvitSettings, load_settings
 
 if TYPE_CHECKING:
-    from dagster import AssetKey
+    from dagster import AssetKey, DagsterInstance
 
 SOURCE_MARKER = ".starvit-synth.json"
 
@@ -40,11 +40,21 @@ class RunSummary:
     # Non-blocking checks that did not pass (severity WARN): reported, not a failed run.
     checks_warned: list[str] = field(default_factory=list)
     failed_steps: list[str] = field(default_factory=list)
+    # The last materialization metadata of each asset, and evaluation metadata of each check,
+    # as plain values (counts and shares: the assets put no identifying value there).
+    asset_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # Share of synthetic persons given a second, unlinked Patient record (docs/linkage.md): the
 # demo's person linkage has duplicates to find; persons.json beside the data has the truth.
 DEMO_DUPLICATE_RATE = 0.1
+# The only faults planted in the demo data (truth.json): a linked duplicate record (Patient.link,
+# replaced-by or seealso) for one person in ten, and a few unknown LOINC codes for the
+# terminology check (a handful among thousands of coded rows: docs/terminology.md).
+DEMO_FAULT_RATES = {"duplicate_person": 0.1, "unknown_code": 0.002}
+LINKAGE_ASSET = "linkage/person_patient_map"
+TERMINOLOGY_CHECK = "terminology/code_validation:valid_code_share"
 
 
 def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -> Path:
@@ -57,6 +67,7 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
         "patients": patients,
         "seed": seed,
         "duplicate_rate": DEMO_DUPLICATE_RATE,
+        "fault_rates": DEMO_FAULT_RATES,
         "consents": True,
     }
     marker = folder / SOURCE_MARKER
@@ -64,7 +75,13 @@ def ensure_source_data(settings: StarvitSettings, *, patients: int, seed: int) -
         return folder
     if folder.exists():
         shutil.rmtree(folder)
-    generate(folder, patients=patients, seed=seed, duplicate_rate=DEMO_DUPLICATE_RATE)
+    generate(
+        folder,
+        patients=patients,
+        seed=seed,
+        fault_rates=DEMO_FAULT_RATES,
+        duplicate_rate=DEMO_DUPLICATE_RATE,
+    )
     marker.write_text(json.dumps(wanted))
     return folder
 
@@ -74,6 +91,7 @@ def materialize_all(
     log_path: Path | None = None,
     asset_keys: Sequence[AssetKey] | None = None,
     incremental: bool = False,
+    instance: DagsterInstance | None = None,
 ) -> RunSummary:
     """Run the ``full_lineage`` job in process against the persistent instance.
 
@@ -81,7 +99,8 @@ def materialize_all(
     source folder, whatever its resources' ``meta.lastUpdated``; with ``incremental``, the
     export asks only for what changed since the last one (and gets the deletions since
     then). With ``log_path``, the run's console output (Dagster's and dbt's) goes to that
-    file; with ``asset_keys``, only those assets (and their checks) run.
+    file; with ``asset_keys``, only those assets (and their checks) run; with ``instance``,
+    the run is recorded there instead of in the persistent instance.
     """
     from dagster import AssetCheckSeverity, DagsterEventType, DagsterInstance
 
@@ -103,7 +122,8 @@ def materialize_all(
             stack.enter_context(redirect_stdout(log_file))
             stack.enter_context(redirect_stderr(log_file))
             stack.enter_context(_root_logging_to(log_file))
-        instance = stack.enter_context(DagsterInstance.get())
+        if instance is None:
+            instance = stack.enter_context(DagsterInstance.get())
         result = job.execute_in_process(
             instance=instance,
             raise_on_error=False,
@@ -115,10 +135,13 @@ def materialize_all(
     for event in result.all_events:
         if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             materialization = event.step_materialization_data.materialization
-            summary.materialized.append(materialization.asset_key.to_user_string())
+            name = materialization.asset_key.to_user_string()
+            summary.materialized.append(name)
+            summary.asset_metadata[name] = _plain(materialization.metadata)
         elif event.event_type == DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.asset_check_evaluation_data
             name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+            summary.check_metadata[name] = _plain(evaluation.metadata)
             if evaluation.passed:
                 summary.checks_passed.append(name)
             elif evaluation.severity == AssetCheckSeverity.WARN:
@@ -128,6 +151,10 @@ def materialize_all(
         elif event.event_type == DagsterEventType.STEP_FAILURE and event.step_key:
             summary.failed_steps.append(event.step_key)
     return summary
+
+
+def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: getattr(value, "value", value) for key, value in metadata.items()}
 
 
 @contextmanager
@@ -214,6 +241,10 @@ def _print_summary(
         print(f"  FAILED check {name}")
     for step in summary.failed_steps:
         print(f"  FAILED step {step}")
+    for line in linkage_summary(summary.asset_metadata.get(LINKAGE_ASSET, {})):
+        print(line)
+    for line in terminology_summary(summary.check_metadata.get(TERMINOLOGY_CHECK, {})):
+        print(line)
     print("Rows per table:")
     for table, count in counts.items():
         print(f"  {table:<45} {count:>9}")
@@ -223,3 +254,36 @@ def _print_summary(
     print(f"  dbt project           {DBT_PROJECT_DIR}")
     print(f"  warehouse DSN         {dsn}")
     print("Open the UI: make dev   (then http://127.0.0.1:3000)")
+
+
+def linkage_summary(metadata: Mapping[str, Any]) -> list[str]:
+    """The linkage rates of the person map's materialization, as summary lines."""
+    if "patients" not in metadata:
+        return []
+    lines = [
+        f"Record linkage: {metadata['patients']} patient records -> {metadata['persons']} "
+        f"persons; {metadata['patients_linked']} records linked "
+        f"({metadata['share_linked']:.1%}), {metadata['sources']} source(s)"
+    ]
+    rules = [
+        f"{name.removeprefix('linked_by_')} {count}"
+        for name, count in metadata.items()
+        if name.startswith("linked_by_")
+    ]
+    lines.append(f"  linked by rule: {', '.join(rules)}")
+    return lines
+
+
+def terminology_summary(metadata: Mapping[str, Any]) -> list[str]:
+    """The valid-code share per code system of the terminology check, as summary lines."""
+    by_system = metadata.get("by_code_system")
+    if not by_system:
+        return []
+    lines = ["Valid codes per code system (terminology check):"]
+    for system, share in by_system.items():
+        known = "" if share["system_known"] else "  (unknown system)"
+        lines.append(
+            f"  {system:<45} {share['valid_share']:>7.2%} of {share['coded_rows']} coded rows"
+            f"{known}"
+        )
+    return lines

@@ -7,6 +7,7 @@ checkout). PHI may be written only below ``phi_dir``.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import sys
 from enum import StrEnum
@@ -21,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DBT_PROJECT_DIR = REPO_ROOT / "dbt_project"
 
 KEY_BYTES = 32
+SOURCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def venv_executable(name: str) -> str:
@@ -86,8 +88,15 @@ class StarvitSettings(BaseSettings):
     )
     source_name: str = Field(
         default="A",
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        pattern=SOURCE_NAME_PATTERN.pattern,
         description="Name of this FHIR source in the person linkage (person_patient_map.source)",
+    )
+    linkage_peer_lakes: str = Field(
+        default="",
+        description=(
+            "De-identified lakes of the other sources of the tokenisation domain that the "
+            "linkage reads beside this one: comma-separated name=path (docs/linkage.md)"
+        ),
     )
     export_types: str = (
         "Patient,Encounter,Observation,Condition,MedicationRequest,Procedure,Immunization,"
@@ -216,6 +225,32 @@ class StarvitSettings(BaseSettings):
     @property
     def resource_types(self) -> list[str]:
         return [t.strip() for t in self.export_types.split(",") if t.strip()]
+
+    @property
+    def peer_lakes(self) -> dict[str, Path]:
+        """``STARVIT_LINKAGE_PEER_LAKES`` as source name -> lake root (absolute), checked."""
+        peers: dict[str, Path] = {}
+        for entry in (part.strip() for part in self.linkage_peer_lakes.split(",")):
+            if not entry:
+                continue
+            name, separator, path = (piece.strip() for piece in entry.partition("="))
+            if not separator or not name or not path:
+                raise SettingsError(
+                    f"STARVIT_LINKAGE_PEER_LAKES: {entry!r} is not name=path "
+                    "(e.g. B=/srv/starvit-b/lake,C=/srv/starvit-c/lake)"
+                )
+            if not SOURCE_NAME_PATTERN.fullmatch(name):
+                raise SettingsError(
+                    f"STARVIT_LINKAGE_PEER_LAKES: source name {name!r} must be 1-64 letters, "
+                    "digits, '_', '.' or '-'"
+                )
+            if name == self.source_name or name in peers:
+                raise SettingsError(
+                    f"STARVIT_LINKAGE_PEER_LAKES: source {name!r} is named twice (this "
+                    f"deployment is source {self.source_name!r}, STARVIT_SOURCE_NAME)"
+                )
+            peers[name] = Path(path).expanduser().resolve()
+        return peers
 
     # --- warehouse schemas ---------------------------------------------------------------
     def schema_name(self, layer: str) -> str:

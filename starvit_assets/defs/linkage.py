@@ -1,7 +1,9 @@
 """Record linkage zone: the person of every patient record, from de-identified values only.
 
-Reads the published ``patient`` partitions of the lake (pseudonymised ids, Patient.link
-targets, linkage tokens), applies the match rules of ``starvit_assets.linkage.match``,
+Reads the published ``patient`` partitions of this source's lake and of the peer sources'
+lakes (``STARVIT_LINKAGE_PEER_LAKES``: pseudonymised ids, Patient.link targets, linkage
+tokens; records keyed by (source, patient id)), applies the match rules of
+``starvit_assets.linkage.match``,
 writes the result as a lake partition and loads it into the warehouse raw schema, where the
 dbt models ``derived/person_patient_map`` and ``derived/person`` take it up. Computed in
 Python, not SQL: connected components need iteration, which PostgreSQL and BigQuery express
@@ -9,6 +11,7 @@ differently (see docs/linkage.md).
 """
 
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +23,17 @@ import pyarrow.parquet as pq
 from starvit_assets.defs.deid_raw import deid_asset_key
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.deid.policy import load_policy
+from starvit_assets.lake.partitions import LAYER as DEID_LAYER
 from starvit_assets.lake.partitions import PART_FILE, RawLake
-from starvit_assets.linkage.match import MATCH_RULES, PATIENT_LINK_RULE, link_persons
+from starvit_assets.linkage.match import (
+    MATCH_RULES,
+    PATIENT_LINK_RULE,
+    LinkageRecord,
+    link_persons,
+)
 from starvit_assets.linkage.records import PATIENT_TABLE, records_from_table, token_names
+from starvit_assets.platform import is_within
+from starvit_assets.settings import SettingsError, StarvitSettings
 from starvit_assets.warehouse.loader import EXPORT_ID, LoadError
 
 GROUP = "linkage"
@@ -46,12 +57,16 @@ def linkage_asset_key() -> dg.AssetKey:
     return dg.AssetKey([GROUP, MAP_TABLE])
 
 
-def _latest_patients(lake: RawLake, tokens: tuple[str, ...]) -> tuple[pa.Table, str]:
-    """Every published patient row, oldest export first, and the newest export id."""
+def _latest_patients(lake: RawLake, tokens: tuple[str, ...], source: str) -> tuple[pa.Table, str]:
+    """Every published patient row of one source's lake, oldest export first, and the newest
+    export id."""
     partitions = lake.partitions(PATIENT_TABLE)
     if not partitions:
         raise dg.Failure(
-            description=f"no published partitions of deid_raw/{PATIENT_TABLE}: materialize it first"
+            description=(
+                f"source {source}: no published partitions of deid_raw/{PATIENT_TABLE} in "
+                f"{lake.root}: materialize it first"
+            )
         )
     tables = []
     for _, path in partitions:
@@ -69,6 +84,48 @@ def _latest_patients(lake: RawLake, tokens: tuple[str, ...]) -> tuple[pa.Table, 
     # Arrow's sort is stable: equal stamps keep their export order; no stamp sorts first.
     order = pc.sort_indices(rows, sort_keys=[("last_updated", "ascending", "at_start")])
     return rows.take(order), partitions[-1][0]
+
+
+def source_lakes(settings: StarvitSettings) -> dict[str, RawLake]:
+    """This source's lake and the peer lakes of ``STARVIT_LINKAGE_PEER_LAKES``, by source name.
+
+    A peer is another Starvit deployment of the same tokenisation domain (its own PHI zone,
+    gate and pseudonymisation key, the same linkage key); only its de-identified ``deid_raw``
+    layer is read, never anything of a PHI zone.
+    """
+    try:
+        peers = settings.peer_lakes
+    except SettingsError as error:
+        raise dg.Failure(description=str(error)) from None
+    lakes = {settings.source_name: RawLake(settings.lake_root)}
+    roots = {settings.lake_root: settings.source_name}
+    for name, root in peers.items():
+        if is_within(root, settings.phi_dir) or is_within(settings.phi_dir, root):
+            raise dg.Failure(
+                description=(
+                    f"STARVIT_LINKAGE_PEER_LAKES: the lake of source {name} ({root}) overlaps "
+                    f"this deployment's PHI zone ({settings.phi_dir}): only de-identified "
+                    "lakes may be read"
+                )
+            )
+        if root in roots:
+            raise dg.Failure(
+                description=(
+                    f"STARVIT_LINKAGE_PEER_LAKES: source {name} names the lake of source "
+                    f"{roots[root]} ({root}): each source has a lake of its own"
+                )
+            )
+        if not (root / DEID_LAYER / PATIENT_TABLE).is_dir():
+            raise dg.Failure(
+                description=(
+                    f"STARVIT_LINKAGE_PEER_LAKES: {root} (source {name}) holds no "
+                    f"{DEID_LAYER}/{PATIENT_TABLE}: point it at the root of that source's "
+                    "de-identified lake (its STARVIT_LAKE_DIR)"
+                )
+            )
+        roots[root] = name
+        lakes[name] = RawLake(root)
+    return lakes
 
 
 def _publish_map(lake: RawLake, export_id: str, table: pa.Table) -> Path:
@@ -94,7 +151,8 @@ def _publish_map(lake: RawLake, export_id: str, table: pa.Table) -> Path:
     group_name=GROUP,
     kinds={"python", "parquet", "postgres"},
     description=(
-        "The person of every patient record: Patient.link pairs and linkage-token matches "
+        "The person of every patient record of this source and of the peer sources "
+        "(STARVIT_LINKAGE_PEER_LAKES): Patient.link pairs and linkage-token matches "
         "(docs/linkage.md) resolved to one person key by connected components; written to the "
         "lake and loaded into the warehouse raw schema for dbt."
     ),
@@ -109,7 +167,8 @@ def _publish_map(lake: RawLake, export_id: str, table: pa.Table) -> Path:
                     "person_key names a person: the records joined by Patient.link or by "
                     f"agreeing linkage tokens (rules {', '.join((PATIENT_LINK_RULE, *MATCH_RULES))}"
                     ", transitively); match_rule is the best rule that joined the record, "
-                    "'none' when it stands alone. _export_id is the newest patient export read."
+                    "'none' when it stands alone. _export_id is the newest patient export of "
+                    "this source; peer sources' records carry their source name."
                 ),
                 "columns": list(MAP_SCHEMA.names),
             }
@@ -123,7 +182,10 @@ def _publish_map(lake: RawLake, export_id: str, table: pa.Table) -> Path:
             ROWS_CHECK,
             asset=linkage_asset_key(),
             blocking=True,
-            description="Every patient of the lake has exactly one person; the warehouse holds them all.",
+            description=(
+                "Every patient of this and the peer sources' lakes has exactly one person; the "
+                "warehouse holds them all."
+            ),
         )
     ],
 )
@@ -132,8 +194,16 @@ def person_patient_map(
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     settings = platform.settings
     tokens = token_names(load_policy())
-    rows, export_id = _latest_patients(platform.lake, tokens)
-    records = records_from_table(rows, settings.source_name, tokens)
+    lakes = source_lakes(settings)
+    records: list[LinkageRecord] = []
+    export_id = ""
+    for source, lake in lakes.items():
+        rows, newest = _latest_patients(lake, tokens, source)
+        if source == settings.source_name:
+            export_id = newest
+        # Source-qualified: a pseudonymised id is unique only within its source (two
+        # deployments sharing a pseudonymisation key give equal raw ids equal pseudonyms).
+        records.extend(records_from_table(rows, source, tokens))
     result = link_persons(records)
     table = pa.Table.from_pylist(
         [
@@ -158,8 +228,10 @@ def person_patient_map(
         raise dg.Failure(description=str(error)) from None
     patients = len({record.key for record in records})
     rates = result.rates()
+    by_source = Counter(record.source for record in records)
     context.log.info(
-        f"{MAP_TABLE}: {rates['patients']} patient records, {rates['persons']} persons"
+        f"{MAP_TABLE}: {rates['patients']} patient records of {len(lakes)} source(s), "
+        f"{rates['persons']} persons"
     )
     yield dg.AssetCheckResult(
         asset_key=linkage_asset_key(),
@@ -172,6 +244,14 @@ def person_patient_map(
         metadata={
             "export_id": export_id,
             **{name: value for name, value in rates.items()},
+            "patients_by_source": dg.MetadataValue.json(dict(sorted(by_source.items()))),
+            "peer_lakes": dg.MetadataValue.json(
+                {
+                    name: str(lake.root)
+                    for name, lake in lakes.items()
+                    if name != settings.source_name
+                }
+            ),
             "path": dg.MetadataValue.path(str(path)),
             "table": f"{settings.raw_schema}.{MAP_TABLE}",
             "dagster/row_count": dg.MetadataValue.int(table.num_rows),

@@ -28,7 +28,7 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
@@ -149,33 +149,43 @@ STREETS = ("Maple Avenue", "Harbor Road", "Cedar Lane", "Mill Street", "Orchard 
 OFFSETS = ("Z", "+02:00", "-05:00", "+05:30", "-08:00", "+01:00")
 
 CONDITIONS = (
-    ("38341003", "Hypertensive disorder", "I10", "Essential (primary) hypertension"),
+    ("38341003", "High blood pressure", "I10", "Essential (primary) hypertension"),
     (
         "44054006",
-        "Diabetes mellitus type 2",
+        "Type 2 diabetes (long-term high blood sugar)",
         "E11.9",
         "Type 2 diabetes mellitus without complications",
     ),
-    ("195967001", "Asthma", "J45.909", "Unspecified asthma, uncomplicated"),
-    ("414916001", "Obesity", "E66.9", "Obesity, unspecified"),
-    ("55822004", "Hyperlipidemia", "E78.5", "Hyperlipidemia, unspecified"),
+    (
+        "195967001",
+        "Asthma (recurring narrowing of the airways)",
+        "J45.909",
+        "Unspecified asthma, uncomplicated",
+    ),
+    ("414916001", "Body weight far above the healthy range", "E66.9", "Obesity, unspecified"),
+    ("55822004", "Raised blood fats", "E78.5", "Hyperlipidemia, unspecified"),
     (
         "35489007",
-        "Depressive disorder",
+        "Depression (lasting low mood)",
         "F32.9",
         "Major depressive disorder, single episode, unspecified",
     ),
-    ("279039007", "Low back pain", "M54.50", "Low back pain, unspecified"),
+    ("279039007", "Pain in the lower back", "M54.50", "Low back pain, unspecified"),
     (
         "235595009",
-        "Gastroesophageal reflux disease",
+        "Stomach acid rising into the gullet",
         "K21.9",
         "Gastro-esophageal reflux disease without esophagitis",
     ),
-    ("61582004", "Allergic rhinitis", "J30.9", "Allergic rhinitis, unspecified"),
+    (
+        "61582004",
+        "Hay fever (sneezing and runny nose from allergy)",
+        "J30.9",
+        "Allergic rhinitis, unspecified",
+    ),
     (
         "68566005",
-        "Urinary tract infectious disease",
+        "Infection of the bladder or kidneys",
         "N39.0",
         "Urinary tract infection, site not specified",
     ),
@@ -193,14 +203,14 @@ MEDICATIONS = (
 
 
 PROCEDURES = (
-    ("430193006", "Medication reconciliation (procedure)"),
-    ("171207006", "Depression screening (procedure)"),
-    ("710824005", "Assessment of health and social care needs (procedure)"),
-    ("162673000", "General examination of patient (procedure)"),
-    ("29303009", "Electrocardiographic procedure"),
-    ("399208008", "Plain chest X-ray (procedure)"),
-    ("117015009", "Throat culture (procedure)"),
-    ("73761001", "Colonoscopy (procedure)"),
+    ("430193006", "Review of the medicines a patient takes"),
+    ("171207006", "Questions to look for depression"),
+    ("710824005", "Review of health and care support needs"),
+    ("162673000", "General physical check by a clinician"),
+    ("29303009", "Heart tracing (ECG)"),
+    ("399208008", "X-ray picture of the chest"),
+    ("117015009", "Throat swab sent to the lab to grow germs"),
+    ("73761001", "Camera look inside the large bowel"),
 )
 VACCINES = (
     ("140", "Influenza, seasonal, injectable, preservative free"),
@@ -214,28 +224,28 @@ VACCINES = (
     ("03", "MMR"),
 )
 ALLERGIES = (
-    ("91936005", "Allergy to penicillin", "medication", "high"),
-    ("300916003", "Latex allergy", "environment", "low"),
-    ("91935009", "Allergy to peanuts", "food", "high"),
-    ("300913006", "Shellfish allergy", "food", "high"),
-    ("418689008", "Allergy to grass pollen", "environment", "low"),
-    ("232350006", "House dust mite allergy", "environment", "low"),
-    ("232347008", "Dander (animal) allergy", "environment", "low"),
-    ("91930004", "Allergy to eggs", "food", "low"),
+    ("91936005", "Allergic to penicillin antibiotics", "medication", "high"),
+    ("300916003", "Allergic to latex rubber", "environment", "low"),
+    ("91935009", "Allergic to peanuts", "food", "high"),
+    ("300913006", "Allergic to shellfish", "food", "high"),
+    ("418689008", "Allergic to grass pollen", "environment", "low"),
+    ("232350006", "Allergic to house dust mites", "environment", "low"),
+    ("232347008", "Allergic to pet hair and skin flakes", "environment", "low"),
+    ("91930004", "Allergic to eggs", "food", "low"),
 )
 REACTIONS = (
-    ("271807003", "Eruption of skin"),
-    ("247472004", "Wheal"),
-    ("49727002", "Cough"),
-    ("267036007", "Dyspnea"),
-    ("39579001", "Anaphylaxis"),
+    ("271807003", "Skin rash"),
+    ("247472004", "Raised itchy bump on the skin"),
+    ("49727002", "Coughing"),
+    ("267036007", "Short of breath"),
+    ("39579001", "Severe whole-body allergic reaction"),
 )
 ENCOUNTER_TYPES = (
-    ("185349003", "Encounter for check up", "AMB"),
-    ("185349003", "Encounter for check up", "AMB"),
-    ("390906007", "Follow-up encounter", "AMB"),
-    ("50849002", "Emergency room admission", "EMER"),
-    ("32485007", "Hospital admission", "IMP"),
+    ("185349003", "Routine check-up visit", "AMB"),
+    ("185349003", "Routine check-up visit", "AMB"),
+    ("390906007", "Follow-up visit", "AMB"),
+    ("50849002", "Visit to the emergency department", "EMER"),
+    ("32485007", "Admitted to hospital", "IMP"),
 )
 
 # (LOINC, display, UCUM code, human unit, category): the body measures first; downstream knows
@@ -982,8 +992,15 @@ def person_id(seed: int, index: int, source: str = DEFAULT_SOURCE) -> str:
 class _Writer:
     """Streams resources to ``<Type>.ndjson`` and faults to per-kind spill files."""
 
-    def __init__(self, stack: ExitStack, out_dir: Path, fault_rate: float) -> None:
+    def __init__(
+        self,
+        stack: ExitStack,
+        out_dir: Path,
+        fault_rate: float,
+        fault_rates: Mapping[str, float] | None = None,
+    ) -> None:
         self.fault_rate = fault_rate
+        self.fault_rates = fault_rates
         self.counts = dict.fromkeys(RESOURCE_TYPES, 0)
         self.handles = {
             name: stack.enter_context(
@@ -1023,8 +1040,13 @@ class _Writer:
         copies = 1
         fast = resource_type == "Observation" and "note" not in resource
         # One draw per resource whatever the rate: which resources get a fault is stable.
-        if faults.random() < self.fault_rate and kinds:
+        draw = faults.random()
+        kind: str | None = None
+        if self.fault_rates is not None:
+            kind = _kind_by_rate(draw, kinds, self.fault_rates)
+        elif draw < self.fault_rate and kinds:
             kind = faults.choices(kinds, self.weights[kinds])[0]
+        if kind is not None:
             detail = _apply_fault(kind, resource_type, resource, faults)
             self.fault(kind, resource_type, resource["id"], detail)
             if kind == "duplicate_resource":
@@ -1063,6 +1085,16 @@ class _Writer:
             truth.write("\n}\n")
 
 
+def _kind_by_rate(draw: float, kinds: tuple[str, ...], rates: Mapping[str, float]) -> str | None:
+    """The kind ``draw`` falls on when each kind that fits takes its own share of [0, 1)."""
+    threshold = 0.0
+    for kind in kinds:
+        threshold += rates.get(kind, 0.0)
+        if draw < threshold:
+            return kind
+    return None
+
+
 def _write_listing(
     path: Path, source: str, seed: int, key: str, spill: IO[str], written: int
 ) -> None:
@@ -1081,6 +1113,7 @@ def generate(
     seed: int,
     fault_rate: float = DEFAULT_FAULT_RATE,
     *,
+    fault_rates: Mapping[str, float] | None = None,
     duplicate_rate: float = 0.0,
     source: str = DEFAULT_SOURCE,
     overlap: float = 0.0,
@@ -1095,10 +1128,16 @@ def generate(
     than ``DEFAULT_SOURCE`` is another data holder: with probability ``overlap`` its person
     ``i`` is the default source's person ``i`` (same seed) under its own ids and MRN. The
     true person of every record is in ``persons.json``.
+
+    ``fault_rates`` plants only the kinds it names, each at its own rate, instead of
+    ``fault_rate`` over every kind: e.g. ``{"duplicate_person": 0.1, "unknown_code": 0.002}``
+    gives linked duplicate persons and a few unknown codes, and no other fault.
     """
     for name, rate in (("fault_rate", fault_rate), ("duplicate_rate", duplicate_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1")
+    if fault_rates is not None:
+        _check_fault_rates(fault_rates, fault_rate)
     if not 0.0 <= overlap <= 1.0:
         raise ValueError("overlap must be between 0 and 1")
     if source == DEFAULT_SOURCE and overlap:
@@ -1106,7 +1145,10 @@ def generate(
     own_source = source != DEFAULT_SOURCE
     out_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        writer = _Writer(stack, out_dir, fault_rate)
+        writer = _Writer(stack, out_dir, fault_rate, fault_rates)
+        person_fault_rate = (
+            fault_rate if fault_rates is None else fault_rates.get("duplicate_person", 0.0)
+        )
         for index in range(patients):
             # The default source keeps its streams as they always were; another source draws
             # its own, so that its data differs from the default source's but for the overlap.
@@ -1126,7 +1168,7 @@ def generate(
             else:
                 records.append(_record(source, patient, "original", []))
             duplicate = None
-            if faults.random() < fault_rate:
+            if faults.random() < person_fault_rate:
                 duplicate, detail = _duplicate_person(faults, patient)
                 writer.fault("duplicate_person", "Patient", duplicate["id"], detail)
                 records.append(_record(source, duplicate, "linked_duplicate", []))
@@ -1160,6 +1202,21 @@ def generate(
         writer.write_persons(out_dir / PERSONS_FILE, source, seed)
         writer.write_consents(out_dir / CONSENTS_FILE, source, seed)
     return writer.counts
+
+
+def _check_fault_rates(fault_rates: Mapping[str, float], fault_rate: float) -> None:
+    if fault_rate:
+        raise ValueError("give fault_rate or fault_rates, not both")
+    unknown = sorted(set(fault_rates) - set(FAULT_KINDS))
+    if unknown:
+        raise ValueError(
+            f"unknown fault kinds {', '.join(unknown)}: choose from {', '.join(FAULT_KINDS)}"
+        )
+    if any(not 0.0 <= rate <= 1.0 for rate in fault_rates.values()):
+        raise ValueError("every rate of fault_rates must be between 0 and 1")
+    # One draw decides a resource's fault: the kinds that fit one resource share it.
+    if sum(rate for kind, rate in fault_rates.items() if kind != "duplicate_person") > 1.0:
+        raise ValueError("the rates of fault_rates other than duplicate_person exceed 1 in total")
 
 
 def _record(

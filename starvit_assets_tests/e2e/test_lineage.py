@@ -561,46 +561,82 @@ def test_graph_load_upserts_the_same_counts_into_tigergraph_over_restpp(
     assert files == count_csv_rows(lineage.home / "graph" / "load")  # the files stay as they were
 
 
+# Pairwise scores of the demo data's persons (docs/linkage.md): a false merge mixes two
+# people's records, so precision must be perfect on 30 patients; recall may miss a record
+# that differs from its person's other record in two fields at once.
+MIN_LINKAGE_PRECISION = 0.99
+MIN_LINKAGE_RECALL = 0.8
+
+
 def test_duplicate_patient_records_resolve_to_persons(lineage: Lineage) -> None:
-    from starvit_assets.fhir.synth import load_person_clusters
+    from starvit_assets.deid.engine import pseudonym
+    from starvit_assets.fhir.synth import TRUTH_FILE, load_person_clusters
+    from starvit_assets.linkage.match import pairwise_score
     from starvit_assets.settings import load_settings
 
-    truth = load_person_clusters(lineage.source)
+    source = load_settings().source_name
     held_back = opted_out(lineage)
-    # The canary is a person of its own; an opted-out record is not linked (it never crosses
-    # the gate), but an unlinked duplicate record of the same person still does.
-    true_persons = 1 + sum(
-        1 for records in truth.values() if any(r[1] not in held_back for r in records)
-    )
-    assert true_persons < published_patients(lineage), "the demo data plants no duplicates"
+
+    def record(patient: str) -> tuple[str, str]:
+        return (source, pseudonym(lineage.key, "Patient", patient))
+
+    # The true persons over the records the gate published: the canary is a person of its
+    # own; an opted-out record never crosses the gate, but another record of the same person
+    # (a linked or unlinked duplicate, which the Consent does not name) still does.
+    truth = {
+        person: {record(patient) for _, patient in records if patient not in held_back}
+        for person, records in load_person_clusters(lineage.source).items()
+    }
+    truth = {person: records for person, records in truth.items() if records}
+    truth["canary"] = {record(CANARIES["patient_id"])}
+    assert len(truth) < published_patients(lineage), "the demo data plants no duplicates"
     derived = load_settings().schema_name("derived")
     with psycopg.connect(lineage.warehouse_dsn) as connection:
-        mapped, persons = connection.execute(
-            sql.SQL("select count(*), count(distinct person_key) from {}").format(
+        rows = connection.execute(
+            sql.SQL("select person_key, source, patient_id, match_rule from {}").format(
                 sql.Identifier(derived, "person_patient_map")
             )
-        ).fetchone() or (0, 0)
+        ).fetchall()
         person_rows = connection.execute(
             sql.SQL("select count(*), sum(patient_count) from {}").format(
                 sql.Identifier(derived, "person")
             )
         ).fetchone()
+    predicted: dict[str, set[tuple[str, str]]] = {}
+    for person_key, record_source, patient_id, _ in rows:
+        predicted.setdefault(person_key, set()).add((record_source, patient_id))
+    mapped = len(rows)
     assert mapped == published_patients(lineage)
-    assert person_rows == (persons, mapped)
-    # No false merge (precision): at least the true persons; duplicates found: fewer records.
-    assert true_persons <= persons < published_patients(lineage)
-    # The linkage rates are in the materialization metadata of the asset that computes them.
-    import dagster as dg
+    assert {r for records in predicted.values() for r in records} == set().union(*truth.values())
+    assert person_rows == (len(predicted), mapped)
+    # Pairwise precision (no false merge) and recall (duplicates found) against the truth.
+    score = pairwise_score(predicted, truth)
+    assert score.true_pairs > 0
+    assert score.precision >= MIN_LINKAGE_PRECISION, score
+    assert score.recall >= MIN_LINKAGE_RECALL, score
+    # Every planted Patient.link joins its two records, whichever rule names the match.
+    person_of = {r: key for key, records in predicted.items() for r in records}
+    truth_faults = json.loads((lineage.source / TRUTH_FILE).read_text())
+    links = [
+        (entry["id"], entry["detail"]["value"].removeprefix("Patient/"))
+        for entry in truth_faults["duplicate_person"]
+        if not {entry["id"], entry["detail"]["value"].removeprefix("Patient/")} & held_back
+    ]
+    assert links, "the demo data plants no linked duplicate"
+    assert all(person_of[record(a)] == person_of[record(b)] for a, b in links)
 
+    # The linkage rates are in the materialization metadata of the asset that computes them.
     with dg.DagsterInstance.get() as instance:
         event = instance.get_latest_materialization_event(
             dg.AssetKey(["linkage", "person_patient_map"])
         )
     assert event is not None and event.asset_materialization is not None
     metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    assert (metadata["patients"], metadata["persons"]) == (mapped, persons)
-    assert metadata["patients_linked"] > 0
+    assert (metadata["patients"], metadata["persons"]) == (mapped, len(predicted))
+    assert metadata["patients_linked"] == sum(1 for *_, rule in rows if rule != "none") > 0
     assert 0 < metadata["share_linked"] < 1
+    assert metadata["linked_by_patient_link"] >= 2 * len(links) > 0
+    assert metadata["patients_by_source"] == {source: mapped}
 
 
 def _latest(observations: list[dict], loinc: str) -> dict | None:
@@ -748,16 +784,23 @@ def test_refined_codes_carry_their_validation_and_planted_unknown_codes_are_inva
     assert by_id[unknown_code] == ("http://loinc.org", "99999-9", False, True)
     assert by_id[unknown_system] == ("http://loinc.org/", "8867-4", False, False)
     assert unvalidated == [(0,)]
-    # Exactly the planted codes are invalid: ours, and those the generator planted at its
-    # fault rate (truth.json; none at the default rate of 0).
+    # Exactly the planted codes are invalid: ours, and those the generator planted (truth.json:
+    # the demo data's few unknown LOINC codes, DEMO_FAULT_RATES), but for the observations of
+    # patients who opted out of research, which never cross the gate.
     truth_file = lineage.source / TRUTH_FILE
     truth = json.loads(truth_file.read_text()) if truth_file.is_file() else {}
+    held_back = opted_out(lineage)
+    subject = {
+        o["id"]: o["subject"]["reference"].removeprefix("Patient/")
+        for o in _resources(lineage.source, "Observation")
+    }
     generator_planted = {
         pseudonym(lineage.key, "Observation", fault["id"])
         for kind in ("unknown_code", "unknown_code_system")
         for fault in truth.get(kind, [])
-        if fault["resource_type"] == "Observation"
+        if fault["resource_type"] == "Observation" and subject[fault["id"]] not in held_back
     }
+    assert generator_planted, "the demo data plants no unknown code"
     assert {row[0] for row in invalid} == set(planted) | generator_planted
     # Every synthetic condition is valid in both systems and maps to the ICD-10-CM code the
     # generator paired it with; every medication is a valid RxNorm code.

@@ -19,8 +19,10 @@ latest_run as (
 
 ),
 
--- the linkage reads every published patient record; one an export deleted since (refined
--- patient leaves it out) leaves its person too, so nothing here points at a patient that is gone
+-- the linkage reads every published patient record; one of this source that an export deleted
+-- since (refined patient leaves it out) leaves its person too, so nothing here points at a
+-- patient that is gone. Peer sources' records are not in this warehouse: their own deletions
+-- reach the linkage through their lakes.
 current_patients as (
 
     select runs.*
@@ -28,9 +30,10 @@ current_patients as (
     from runs
     inner join latest_run
         on runs.linkage_run = latest_run.linkage_run
-    where exists (
-        select 1 from patients where patients.patient_id = runs.patient_id
-    )
+    where runs.source <> '{{ env_var('STARVIT_SOURCE_NAME', 'A') }}'
+        or exists (
+            select 1 from patients where patients.patient_id = runs.patient_id
+        )
 
 ),
 
