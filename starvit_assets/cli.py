@@ -44,12 +44,16 @@ def cmd_fhir_synth(args: argparse.Namespace) -> int:
         # "not within" also refuses NaN, which every comparison fails.
         if not 0.0 <= rate <= 1.0:
             raise CliError(f"{flag} must be between 0 and 1 (a share), not {rate}")
+    fault_rates = _fault_rates(args.fault) if args.fault else None
+    if fault_rates is not None and args.fault_rate:
+        raise CliError("give --fault-rate or --fault KIND=RATE, not both")
     try:
         counts = generate(
             Path(args.out),
             patients=args.patients,
             seed=args.seed,
             fault_rate=args.fault_rate,
+            fault_rates=fault_rates,
             duplicate_rate=args.duplicate_rate,
             source=args.source_name,
             overlap=args.overlap,
@@ -60,6 +64,23 @@ def cmd_fhir_synth(args: argparse.Namespace) -> int:
         print(f"{resource_type:<20} {count:>10}")
     print(f"wrote {sum(counts.values())} resources to {Path(args.out).resolve()}")
     return 0
+
+
+def _fault_rates(settings: list[str]) -> dict[str, float]:
+    """``--fault KIND=RATE`` flags of ``fhir synth`` as ``generate``'s ``fault_rates``; the
+    kinds and rates are checked by ``generate`` itself."""
+    rates: dict[str, float] = {}
+    for setting in settings:
+        kind, separator, value = setting.partition("=")
+        if not separator or not kind:
+            raise CliError(
+                f"--fault takes KIND=RATE, for example unknown_code=0.01, not {setting!r}"
+            )
+        try:
+            rates[kind] = float(value)
+        except ValueError:
+            raise CliError(f"--fault {kind}: the rate must be a number, not {value!r}") from None
+    return rates
 
 
 def cmd_fhir_serve(args: argparse.Namespace) -> int:
@@ -395,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="share of resources given a planted data-quality fault, 0 to 1 (truth.json lists them)",
+    )
+    synth.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND=RATE",
+        help="plant only this fault kind at this rate (repeatable), e.g. duplicate_person=0.1; "
+        "see docs/synthetic-data.md",
     )
     synth.add_argument(
         "--duplicate-rate",

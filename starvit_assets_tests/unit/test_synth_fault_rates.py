@@ -107,3 +107,41 @@ def test_the_generator_writes_the_shipped_starvit_labels_for_snomed_codes() -> N
         displays = re.findall(r'"code": "(\d+)",\s*"display": "([^"]*)"', text)
         snomed = [(code, label) for code, label in displays if code in shipped]
         assert snomed and all(shipped[code] == label for code, label in snomed), name
+
+
+def test_cli_fault_flags_plant_the_same_files_as_the_library(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from starvit_assets.cli import main
+
+    _, planted = folders
+    flags = [f"--fault={kind}={rate}" for kind, rate in RATES.items()]
+    out = tmp_path / "cli"
+    assert (
+        main(["fhir", "synth", "--patients", "60", "--seed", "8", *flags, "--out", str(out)]) == 0
+    )
+    for name in sorted(path.name for path in planted.iterdir()):
+        assert (out / name).read_bytes() == (planted / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fault", "unknown_code"], "--fault takes KIND=RATE"),
+        (["--fault", "unknown_code=often"], "--fault unknown_code: the rate must be a number"),
+        (["--fault", "no_such_kind=0.1"], "unknown fault kinds no_such_kind"),
+        (["--fault", "unknown_code=2"], "must be between 0 and 1"),
+        (["--fault", "unknown_code=0.1", "--fault-rate", "0.1"], "not both"),
+    ],
+)
+def test_cli_bad_fault_flags_are_one_clear_line(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from starvit_assets.cli import EXIT_USER_ERROR, main
+
+    out = tmp_path / "out"
+    assert main(["fhir", "synth", "--patients", "2", *flags, "--out", str(out)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("starvit: error: ") and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
