@@ -92,7 +92,9 @@ def _assert_nothing_published_and_staging_discarded(exported: Exported) -> None:
     export_id = latest_staged_export(settings, "Observation").export_id
     for lake in (RawLake(settings.lake_root), RawLake(settings.lake_root, QUARANTINE_LAYER)):
         assert not lake.is_published(TABLE, export_id)
-        assert lake.partitions(TABLE) == []
+        # The session's lake may hold other tests' exports; none of this one, not even in part.
+        assert export_id not in {published for published, _ in lake.partitions(TABLE)}
+        assert not lake.published_dir(TABLE, export_id).exists()
         assert not lake.staging_dir(TABLE, export_id).exists()
     # The PHI zone keeps the staged export for the re-run.
     assert all(path.is_file() for path in exported.staged)
@@ -154,11 +156,14 @@ def test_a_failed_blocking_check_publishes_nothing_and_stops_the_warehouse(
     assert not any(path.exists() for path in exported.staged)
 
     # The same export id again: re-verified from the published files, not re-written.
+    from starvit_assets.exports import latest_staged_export
     from starvit_assets.lake.partitions import RawLake
     from starvit_assets.settings import load_settings
 
-    lake = RawLake(load_settings().lake_root)
-    ((_, part_file),) = lake.partitions(TABLE)
+    settings = load_settings()
+    lake = RawLake(settings.lake_root)
+    export_id = latest_staged_export(settings, "Observation").export_id
+    (part_file,) = [path for published, path in lake.partitions(TABLE) if published == export_id]
     written = part_file.stat().st_mtime_ns
     reverified = _run(with_warehouse=False)
     assert reverified.success, reverified.failed_steps
