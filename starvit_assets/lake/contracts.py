@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from starvit_assets.lake.keys import SeenKeys
+
 if TYPE_CHECKING:
     import pandera.pandas as pa_schema
 
@@ -213,7 +215,7 @@ def validate_file(
     """Contract failures of a Parquet file against the ``expected`` schema, as
     'column: check (n rows)' strings, or 'column: check (schema)' for a column missing, extra or
     of another type; empty when it conforms. Read batch by batch: memory stays bounded by one
-    batch (and the key column, read alone for uniqueness across the whole file)."""
+    batch (and the keys seen, about 16 bytes each: ``keys.SeenKeys``)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -229,8 +231,11 @@ def validate_file(
             if name not in schema_failures:
                 counts[name] = counts.get(name, 0) + count
     if contract.key in parquet.schema_arrow.names:
-        keys = pq.read_table(path, columns=[contract.key]).column(contract.key).combine_chunks()
-        repeated = int(pc.sum(later_duplicates(keys)).as_py() or 0)
+        seen = SeenKeys()
+        repeated = sum(
+            int(pc.sum(seen.later_duplicates(keys.column(0))).as_py() or 0)
+            for keys in parquet.iter_batches(batch_rows, columns=[contract.key])
+        )
         if repeated:
             counts[f"{contract.key}: field_uniqueness"] = repeated
     return sorted(f"{name} (schema)" for name in schema_failures) + [

@@ -43,6 +43,7 @@ from starvit_assets.lake.contracts import (
     row_violations,
 )
 from starvit_assets.lake.filters import FilterConfig, RecordFilter, load_filters, record_filter
+from starvit_assets.lake.keys import SeenKeys
 from starvit_assets.views.runner import CompiledView, ViewDefinitionError, compile_view
 from starvit_assets.views.vectorized import VectorizedView, compile_vectorized
 
@@ -329,7 +330,7 @@ class Gate:
         )
         held_back: Counter[str] = Counter()
         quarantine_reasons: Counter[str] = Counter()
-        seen_keys = _SeenKeys()
+        seen_keys = SeenKeys()
         resources_read = resources_with_rows = resources_without_rows = 0
         lines_quarantined = rows_flattened = rows_published = rows_quarantined = 0
         with (
@@ -699,33 +700,6 @@ def _chunk_lines(chunk: _Chunk) -> _Lines:
         numbers = [number for number, line in enumerate(lines, chunk.first_line) if line.strip()]
         lines = [lines[number - chunk.first_line] for number in numbers]
     return _Lines(lines, chunk.path.name, numbers)
-
-
-class _SeenKeys:
-    """The keys of every row so far, to mark a later row with the same key a duplicate (the
-    first may publish), as ``later_duplicates`` does on a whole column."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def later_duplicates(self, keys: pa.ChunkedArray) -> pa.Array:
-        seen = self._seen
-        values = keys.cast(pa.string()).to_pylist()
-        if keys.null_count == 0 and seen.isdisjoint(values):
-            distinct = set(values)
-            if len(distinct) == len(values):  # the usual batch: all new, all different
-                seen |= distinct
-                return pa.array(np.zeros(len(values), dtype=bool))
-        flags = []
-        for key in values:
-            if key is None:
-                flags.append(False)
-            elif key in seen:
-                flags.append(True)
-            else:
-                seen.add(key)
-                flags.append(False)
-        return pa.array(flags, pa.bool_())
 
 
 def build_gate(

@@ -241,27 +241,6 @@ def test_source_lines_count_blank_lines_and_crlf(tmp_path: Path) -> None:
     assert result.table.column("_source_line").to_pylist() == [1, 3, 6]
 
 
-def test_seen_keys_mark_the_same_rows_as_later_duplicates_on_the_whole_column() -> None:
-    import random
-
-    from starvit_assets.lake.contracts import later_duplicates
-    from starvit_assets.lake.gate import _SeenKeys
-
-    rng = random.Random(5)
-    keys = [rng.choice([None, *(f"k{i}" for i in range(30))]) for _ in range(200)]
-    keys[:10] = [f"fresh{i}" for i in range(10)]  # a first batch with nothing repeated
-    seen = _SeenKeys()
-    batched = [
-        flag
-        for start in range(0, len(keys), 10)
-        for flag in seen.later_duplicates(
-            pa.chunked_array([keys[start : start + 10]], pa.string())
-        ).to_pylist()
-    ]
-    assert batched == later_duplicates(pa.array(keys, pa.string())).to_pylist()
-    assert any(batched)
-
-
 def test_a_worker_that_dies_fails_the_gate_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
