@@ -394,7 +394,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from starvit_assets.bench import run_bench
 
-    return run_bench(patients=args.patients, out=Path(args.out), seed=args.seed)
+    if args.patients < 1:
+        raise CliError("--patients must be at least 1")
+    return run_bench(
+        patients=args.patients, out=Path(args.out), seed=args.seed, lineage=not args.gate_only
+    )
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -582,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--patients", type=int, default=10_000)
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--out", default="bench.json")
+    bench.add_argument(
+        "--gate-only",
+        action="store_true",
+        help="stop after the flatten+de-identify and DuckDB stages (no Dagster lineage run)",
+    )
     bench.set_defaults(handler=cmd_bench)
     docs = dbt_commands.add_parser("docs", help="generate the dbt docs and serve them locally")
     docs.add_argument("--no-serve", action="store_true", help="generate only")
