@@ -10,8 +10,14 @@ import pyarrow as pa
 
 from starvit_assets.deid.engine import LocalDeidEngine, pseudonym
 from starvit_assets.deid.policy import Policy, load_policy
-from starvit_assets.exports import remove_export_folder_when_done
-from starvit_assets.lake.deletions import DELETIONS_SCHEMA, deletion_policy, deletions_table
+from starvit_assets.exports import remove_export_folder_when_done, retracted_file
+from starvit_assets.lake.deletions import (
+    DELETIONS_SCHEMA,
+    DeletionCounts,
+    deletion_policy,
+    deletions_table,
+    write_retractions,
+)
 from starvit_assets.settings import StarvitSettings
 
 KEY = bytes(range(32))
@@ -28,7 +34,9 @@ def _bundle(*urls: str, method: str = "DELETE") -> str:
     )
 
 
-def _run(tmp_path: Path, lines: list[str]) -> tuple[pa.Table, object]:
+def _run(
+    tmp_path: Path, lines: list[str], retractions: list[Path] | None = None
+) -> tuple[pa.Table, DeletionCounts]:
     path = tmp_path / "_deleted.1.ndjson"
     path.write_text("\n".join(lines) + "\n")
 
@@ -42,6 +50,7 @@ def _run(tmp_path: Path, lines: list[str]) -> tuple[pa.Table, object]:
         key=KEY,
         export_id="e2",
         transaction_time="2026-01-02T03:04:05Z",
+        retraction_paths=retractions or [],
     )
 
 
@@ -70,6 +79,7 @@ def test_deleted_ids_get_the_token_of_the_resource_they_name(tmp_path: Path) -> 
         gate.deidentify("patient", patient).column("patient_id")[0].as_py()
         == rows[1]["resource_id"]
     )
+    assert {r["reason"] for r in rows} == {"deleted"}
     assert {r["export_transaction_time"] for r in rows} == {"2026-01-02T03:04:05Z"}
     assert {r["_export_id"] for r in rows} == {"e2"}
     assert [r["_source_line"] for r in rows] == [1, 1, 2]
@@ -124,5 +134,79 @@ def test_the_staged_export_stays_while_its_deleted_list_waits(tmp_path: Path) ->
     remove_export_folder_when_done(settings, "e1")
     assert deleted.is_file()
     deleted.unlink()
+    remove_export_folder_when_done(settings, "e1")
+    assert not folder.exists()
+
+
+def _published_id(table: str, column: str, plain: str) -> str:
+    """The token the gate's own engine gives ``plain`` in ``table.column``."""
+    gate = LocalDeidEngine(KEY, load_policy(), reference_date=DAY)
+    columns = load_policy().table(table).columns
+    row = pa.table({name: pa.array([plain if name == column else None]) for name in columns})
+    return str(gate.deidentify(table, row).column(column)[0].as_py())
+
+
+def test_retractions_cross_pseudonymised_like_the_published_ids(tmp_path: Path) -> None:
+    held_back = tmp_path / "_retracted.observation.ndjson"
+    opt_outs = tmp_path / "_retracted.research_opt_out.ndjson"
+    write_retractions(
+        held_back,
+        [("Observation", "obs-9", "status"), ("Observation", "obs-8", "security_label")],
+    )
+    write_retractions(opt_outs, [("Patient", "pat-7", "research_opt_out")])
+    data, counts = _run(tmp_path, [], [held_back, opt_outs])
+    rows = {(r["resource_type"], r["resource_id"]): r for r in data.to_pylist()}
+    assert {key: row["reason"] for key, row in rows.items()} == {
+        ("Observation", _published_id("observation", "observation_id", "obs-9")): "status",
+        ("Observation", _published_id("observation", "observation_id", "obs-8")): (
+            "security_label"
+        ),
+        # The same token as the patient_id of every row of that patient, in every table.
+        ("Patient", _published_id("observation", "patient_id", "pat-7")): "research_opt_out",
+    }
+    assert counts.retracted_by_reason == {"status": 1, "security_label": 1, "research_opt_out": 1}
+    assert counts.reconciles and counts.rows == 3
+    assert {r["_source_file"] for r in rows.values()} == {held_back.name, opt_outs.name}
+    cells = [str(value) for row in rows.values() for value in row.values()]
+    assert not any(plain in cell for plain in ("obs-9", "obs-8", "pat-7") for cell in cells)
+
+
+def test_a_deletion_and_a_retraction_of_one_resource_are_one_row(tmp_path: Path) -> None:
+    first = tmp_path / "_retracted.patient.ndjson"
+    second = tmp_path / "_retracted.research_opt_out.ndjson"
+    write_retractions(first, [("Patient", "p-1", "security_label"), ("Patient", "p-2", "nope")])
+    # Every table writes the same opt-out list: one row per patient all the same.
+    write_retractions(second, [("Patient", "p-1", "research_opt_out")])
+    data, counts = _run(tmp_path, [_bundle("Patient/p-1")], [first, second])
+    assert data.column("reason").to_pylist() == ["deleted"]
+    assert counts.duplicates == 2
+    assert counts.refused == {"retraction reason is unknown": 1}
+    assert counts.retracted_by_reason == {}
+    assert counts.reconciles
+
+
+def test_retraction_side_files_hold_type_id_and_reason_only(tmp_path: Path) -> None:
+    path = tmp_path / "_retracted.condition.ndjson"
+    path.write_text("stale\n")
+    assert write_retractions(path, [("Condition", "c-1", "status")]) == 1
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"resourceType": "Condition", "id": "c-1", "reason": "status"}
+    ]
+    assert write_retractions(path, []) == 0
+    assert path.read_text() == ""
+    assert sorted(child.name for child in tmp_path.iterdir()) == [path.name]
+
+
+def test_the_staged_export_stays_while_a_retraction_waits(tmp_path: Path) -> None:
+    settings = StarvitSettings(home=tmp_path)
+    folder = settings.phi_staging_dir / "e1"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    side_file = retracted_file(settings, "e1", "observation")
+    assert side_file.parent == folder and side_file.name == "_retracted.observation.ndjson"
+    write_retractions(side_file, [("Observation", "o", "status")])
+    remove_export_folder_when_done(settings, "e1")
+    assert side_file.is_file()
+    side_file.unlink()
     remove_export_folder_when_done(settings, "e1")
     assert not folder.exists()
