@@ -36,7 +36,12 @@ from starvit_assets.exports import (
     remove_export_folder_when_done,
     staging_dir,
 )
-from starvit_assets.lake.deletions import DELETIONS_SCHEMA, DELETIONS_TABLE, deletions_table
+from starvit_assets.lake.deletions import (
+    DELETIONS_SCHEMA,
+    DELETIONS_TABLE,
+    deletions_table,
+    published_ids,
+)
 from starvit_assets.lake.partitions import RawLake
 from starvit_assets.settings import StarvitSettings
 from starvit_assets.views.runner import shipped_views
@@ -116,7 +121,7 @@ def _backend(platform: PlatformResource, export_date: dt.date, policy: Policy) -
             blocking=True,
             description=(
                 "DELETE entries and retractions read = rows published + duplicates + entries "
-                "refused by reason."
+                "refused by reason + retractions of nothing published."
             ),
         ),
     ],
@@ -152,7 +157,7 @@ def deleted_resource(
     except PolicyError as error:
         raise dg.Failure(description=f"{DELETIONS_TABLE}: {error}") from None
 
-    rows = entries = duplicates = hits = 0
+    rows = entries = duplicates = hits = nothing_to_retract = 0
     refused: dict[str, int] = {}
     retracted: dict[str, int] = {}
     published_now = 0
@@ -179,6 +184,7 @@ def deleted_resource(
                 export_id=export_id,
                 transaction_time=transaction_time,
                 retraction_paths=retractions,
+                published=functools.partial(published_ids, lake, up_to=export_id),
             )
         except (DeidError, PolicyError) as error:
             raise dg.Failure(description=f"{DELETIONS_TABLE}: {error}") from None
@@ -198,6 +204,7 @@ def deleted_resource(
         rows += counts.rows
         entries += counts.entries
         duplicates += counts.duplicates
+        nothing_to_retract += counts.nothing_to_retract
         for reason, count in counts.refused.items():
             refused[reason] = refused.get(reason, 0) + count
         for reason, count in counts.retracted_by_reason.items():
@@ -214,7 +221,12 @@ def deleted_resource(
         asset_key=DELETIONS_KEY,
         check_name=RECONCILE_CHECK,
         passed=reconciles,
-        metadata={"entries": entries, "rows": rows, "duplicates": duplicates},
+        metadata={
+            "entries": entries,
+            "rows": rows,
+            "duplicates": duplicates,
+            "retractions_with_nothing_published": nothing_to_retract,
+        },
     )
     if hits or not reconciles:
         raise dg.Failure(
@@ -229,6 +241,7 @@ def deleted_resource(
             "duplicates": dg.MetadataValue.int(duplicates),
             "refused_by_reason": dg.MetadataValue.json(refused),
             "retracted_by_reason": dg.MetadataValue.json(dict(sorted(retracted.items()))),
+            "retractions_with_nothing_published": dg.MetadataValue.int(nothing_to_retract),
             "policy_version": policy.version,
             "dagster/column_schema": dg.TableSchema(
                 columns=[

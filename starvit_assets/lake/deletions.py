@@ -25,7 +25,9 @@ patient opted out as of the export (``research_opt_out``, listed in every export
 opt-out with nothing new to export still retracts what was published before). Here they become
 rows of the same table as the deletions, with ``reason`` saying which (``deleted`` for a
 deleted[] entry), pseudonymised by the same code path, so ``exclude_deleted`` applies them
-unchanged.
+unchanged. A retraction crosses only when a published partition of the export or an earlier
+one holds the resource (``published_ids``): one of a record or patient that never crossed
+would take nothing back, and would only leave its pseudonym in the research zone.
 
 A line that is no Bundle with a DELETE entry (or no retraction), and an entry whose type is no
 FHIR type name, whose id is empty or whose reason is unknown, is counted by reason and never
@@ -43,11 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from starvit_assets.deid.engine import DeidBackend, content_hash
 from starvit_assets.deid.policy import ColumnRule, Policy, TablePolicy
 from starvit_assets.fhir.client import deleted_references_in_line
+from starvit_assets.lake.contracts import CONTRACTS
 from starvit_assets.lake.filters import HOLD_KINDS
+from starvit_assets.lake.partitions import RawLake
+from starvit_assets.views.runner import shipped_views
 
 DELETIONS_TABLE = "deleted_resource"
 RESOURCE_ID = "resource_id"
@@ -85,6 +92,9 @@ class DeletionCounts:
     duplicates: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     rows_by_reason: dict[str, int] = field(default_factory=dict)
+    # Retractions of resources no partition published up to the export: nothing to take back,
+    # so nothing crosses (an opted-out patient who never crossed leaves no trace).
+    nothing_to_retract: int = 0
 
     @property
     def retracted_by_reason(self) -> dict[str, int]:
@@ -93,7 +103,9 @@ class DeletionCounts:
 
     @property
     def reconciles(self) -> bool:
-        return self.entries == self.rows + self.duplicates + sum(self.refused.values())
+        return self.entries == (
+            self.rows + self.duplicates + sum(self.refused.values()) + self.nothing_to_retract
+        )
 
 
 def deletion_table_name(resource_type: str) -> str:
@@ -156,9 +168,14 @@ def deletions_table(
     export_id: str,
     transaction_time: str,
     retraction_paths: Sequence[Path] = (),
+    published: Callable[[str, set[str]], set[str]] = lambda _type, _tokens: set(),
 ) -> tuple[pa.Table, DeletionCounts]:
     """The de-identified deletions (deleted[] lists, ``paths``) and retractions (the gate's side
-    files, ``retraction_paths``) of one export; an empty table when it reported none."""
+    files, ``retraction_paths``) of one export; an empty table when it reported none.
+
+    ``published(type, tokens)``: which of these pseudonymised ids of ``type`` an earlier
+    partition published (``published_ids``); only their retractions are kept. A deletion is
+    kept whatever was published, as it always was."""
     counts = DeletionCounts()
     seen: set[tuple[str, str]] = set()
     rows: list[tuple[str, str, str, str, int, str]] = []  # type, id, reason, file, line, hash
@@ -191,9 +208,6 @@ def deletions_table(
                         rows.append(
                             (resource_type, resource_id, reason, path.name, number, line_hash)
                         )
-    counts.rows = len(rows)
-    for row in rows:
-        counts.rows_by_reason[row[2]] = counts.rows_by_reason.get(row[2], 0) + 1
     types = sorted({row[0] for row in rows})
     pseudonyms: dict[tuple[str, str], str] = {}
     if rows:
@@ -208,6 +222,22 @@ def deletions_table(
             pseudonyms.update(
                 ((resource_type, plain), token) for plain, token in zip(ids, tokens, strict=True)
             )
+        # Only a retraction of something published crosses: ask per type, for its tokens.
+        retracted: dict[str, set[str]] = {}
+        for resource_type, plain, reason, *_ in rows:
+            if reason != DELETED:
+                retracted.setdefault(resource_type, set()).add(pseudonyms[(resource_type, plain)])
+        kept = {kind: published(kind, tokens) for kind, tokens in retracted.items()}
+        before = len(rows)
+        rows = [
+            row
+            for row in rows
+            if row[2] == DELETED or pseudonyms[(row[0], row[1])] in kept.get(row[0], set())
+        ]
+        counts.nothing_to_retract = before - len(rows)
+    counts.rows = len(rows)
+    for row in rows:
+        counts.rows_by_reason[row[2]] = counts.rows_by_reason.get(row[2], 0) + 1
     data = pa.table(
         {
             "resource_type": [row[0] for row in rows],
@@ -223,6 +253,41 @@ def deletions_table(
         schema=DELETIONS_SCHEMA,
     )
     return data, counts
+
+
+def retraction_targets(resource_type: str) -> list[tuple[str, str]]:
+    """(table, column) where the published rows of a ``resource_type`` id are: the key of the
+    tables flattened from that type, and for a Patient also every table's ``patient_id`` (the
+    rows a retracted Patient takes along)."""
+    targets = [
+        (table, CONTRACTS[table].key)
+        for table, view in sorted(shipped_views().items())
+        if view["resource"] == resource_type
+    ]
+    if resource_type == "Patient":
+        targets += [
+            (table, "patient_id")
+            for table in sorted(shipped_views())
+            if (table, "patient_id") not in targets
+        ]
+    return targets
+
+
+def published_ids(lake: RawLake, resource_type: str, tokens: set[str], up_to: str) -> set[str]:
+    """Which pseudonymised ``tokens`` of ``resource_type`` a published partition of an export
+    up to ``up_to`` holds (the versions ``exclude_deleted`` would take out). Reads one column a
+    partition, so its cost grows with the lake."""
+    found: set[str] = set()
+    wanted = pa.array(sorted(tokens), pa.string())
+    for table, column in retraction_targets(resource_type):
+        for export_id, path in lake.partitions(table):
+            if export_id > up_to or column not in pq.read_schema(path).names:
+                continue
+            values = pq.read_table(path, columns=[column]).column(column)
+            found.update(pc.filter(values, pc.is_in(values, value_set=wanted)).to_pylist())
+            if len(found) == len(tokens):
+                return found
+    return found
 
 
 def _refuse(counts: DeletionCounts, reason: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,8 +17,10 @@ from starvit_assets.lake.deletions import (
     DeletionCounts,
     deletion_policy,
     deletions_table,
+    published_ids,
     write_retractions,
 )
+from starvit_assets.lake.partitions import RawLake
 from starvit_assets.settings import StarvitSettings
 
 KEY = bytes(range(32))
@@ -34,8 +37,15 @@ def _bundle(*urls: str, method: str = "DELETE") -> str:
     )
 
 
+def _everything_published(_resource_type: str, tokens: set[str]) -> set[str]:
+    return tokens
+
+
 def _run(
-    tmp_path: Path, lines: list[str], retractions: list[Path] | None = None
+    tmp_path: Path,
+    lines: list[str],
+    retractions: list[Path] | None = None,
+    published: Callable[[str, set[str]], set[str]] = _everything_published,
 ) -> tuple[pa.Table, DeletionCounts]:
     path = tmp_path / "_deleted.1.ndjson"
     path.write_text("\n".join(lines) + "\n")
@@ -51,6 +61,7 @@ def _run(
         export_id="e2",
         transaction_time="2026-01-02T03:04:05Z",
         retraction_paths=retractions or [],
+        published=published,
     )
 
 
@@ -210,3 +221,40 @@ def test_the_staged_export_stays_while_a_retraction_waits(tmp_path: Path) -> Non
     side_file.unlink()
     remove_export_folder_when_done(settings, "e1")
     assert not folder.exists()
+
+
+def test_a_retraction_of_nothing_published_does_not_cross(tmp_path: Path) -> None:
+    side_file = tmp_path / "_retracted.research_opt_out.ndjson"
+    write_retractions(
+        side_file, [("Patient", "never-crossed", "research_opt_out"), ("Patient", "p-1", "status")]
+    )
+    crossed = pseudonym(KEY, "Patient", "p-1")
+    asked: list[tuple[str, set[str]]] = []
+
+    def published(resource_type: str, tokens: set[str]) -> set[str]:
+        asked.append((resource_type, tokens))
+        return tokens & {crossed}
+
+    # A deletion crosses whether or not its resource was ever published.
+    data, counts = _run(tmp_path, [_bundle("Condition/c-9")], [side_file], published)
+    assert asked == [("Patient", {crossed, pseudonym(KEY, "Patient", "never-crossed")})]
+    assert data.column("resource_id").to_pylist() == [pseudonym(KEY, "Condition", "c-9"), crossed]
+    assert counts.nothing_to_retract == 1
+    assert counts.retracted_by_reason == {"status": 1}
+    assert counts.reconciles
+
+
+def test_published_ids_look_in_the_partitions_up_to_the_export(tmp_path: Path) -> None:
+    lake = RawLake(tmp_path)
+    lake.stage("patient", "e1", pa.table({"patient_id": ["p-a"]}))
+    lake.publish("patient", "e1")
+    lake.stage("observation", "e2", pa.table({"observation_id": ["o-b"], "patient_id": ["p-b"]}))
+    lake.publish("observation", "e2")
+    lake.stage("patient", "e3", pa.table({"patient_id": ["p-c"]}))
+    lake.publish("patient", "e3")
+    wanted = {"p-a", "p-b", "p-c", "o-b"}
+    # A patient's rows in any table count; a later export's partitions do not.
+    assert published_ids(lake, "Patient", wanted, up_to="e2") == {"p-a", "p-b"}
+    assert published_ids(lake, "Observation", wanted, up_to="e2") == {"o-b"}
+    assert published_ids(lake, "Observation", wanted, up_to="e1") == set()
+    assert published_ids(lake, "Procedure", wanted, up_to="e3") == set()
