@@ -258,3 +258,24 @@ def test_published_ids_look_in_the_partitions_up_to_the_export(tmp_path: Path) -
     assert published_ids(lake, "Observation", wanted, up_to="e2") == {"o-b"}
     assert published_ids(lake, "Observation", wanted, up_to="e1") == set()
     assert published_ids(lake, "Procedure", wanted, up_to="e3") == set()
+
+
+def test_an_export_waits_for_every_gate_whose_latest_export_it_is(tmp_path: Path) -> None:
+    from starvit_assets.defs.deletions import undecided_tables
+    from starvit_assets.exports import StagedExport, record_staged_export
+
+    settings = StarvitSettings(home=tmp_path)
+    lake = RawLake(settings.lake_root)
+    for resource_type, export_id in (("Patient", "e2"), ("Observation", "e2"), ("Procedure", "e1")):
+        record_staged_export(
+            settings, StagedExport(export_id, resource_type, "2026-01-02T00:00:00Z", (), 0)
+        )
+    # Tables of types never exported (no record) and of types last exported by e1 do not count.
+    assert undecided_tables(settings, lake, "e2") == ["observation", "patient"]
+    lake.stage("patient", "e2", pa.table({"patient_id": ["p"]}))
+    lake.publish("patient", "e2")
+    assert undecided_tables(settings, lake, "e2") == ["observation"]
+    lake.stage("observation", "e2", pa.table({"observation_id": ["o"]}))
+    lake.publish("observation", "e2")
+    assert undecided_tables(settings, lake, "e2") == []
+    assert undecided_tables(settings, lake, "e1") == ["procedure"]
