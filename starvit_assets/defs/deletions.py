@@ -18,8 +18,13 @@ from collections.abc import Iterator
 import dagster as dg
 import pyarrow.parquet as pq
 
+from starvit_assets.defs.deid_raw import (
+    CONTRACT_CHECK,
+    LEAK_CHECK,
+    RECONCILE_CHECK,
+    deid_asset_key,
+)
 from starvit_assets.defs.deid_raw import GROUP as DEID_GROUP
-from starvit_assets.defs.deid_raw import LEAK_CHECK, RECONCILE_CHECK, deid_asset_key
 from starvit_assets.defs.extract import RESOURCE_TYPES, fhir_asset_key
 from starvit_assets.defs.resources import PlatformResource
 from starvit_assets.defs.warehouse import GROUP as WAREHOUSE_GROUP
@@ -36,6 +41,7 @@ from starvit_assets.exports import (
     remove_export_folder_when_done,
     staging_dir,
 )
+from starvit_assets.lake.contracts import DELETIONS_CONTRACT, validate_file
 from starvit_assets.lake.deletions import (
     DELETIONS_SCHEMA,
     DELETIONS_TABLE,
@@ -110,6 +116,15 @@ def _backend(platform: PlatformResource, export_date: dt.date, policy: Policy) -
     ),
     check_specs=[
         dg.AssetCheckSpec(
+            CONTRACT_CHECK,
+            asset=DELETIONS_KEY,
+            blocking=True,
+            description=(
+                "pandera contract: types, resource_id unique, type, reason and export time "
+                "present, reason one of the known codes."
+            ),
+        ),
+        dg.AssetCheckSpec(
             LEAK_CHECK,
             asset=DELETIONS_KEY,
             blocking=True,
@@ -158,6 +173,7 @@ def deleted_resource(
         raise dg.Failure(description=f"{DELETIONS_TABLE}: {error}") from None
 
     rows = entries = duplicates = hits = nothing_to_retract = 0
+    contract_failures: list[str] = []
     refused: dict[str, int] = {}
     retracted: dict[str, int] = {}
     published_now = 0
@@ -191,9 +207,11 @@ def deleted_resource(
         staged = lake.prepare_staging(DELETIONS_TABLE, export_id)
         pq.write_table(data, staged, compression="zstd")
         export_hits = len(leak_hashes.find_leaks_in_parquet(staged))
+        failures = validate_file(DELETIONS_CONTRACT, staged, DELETIONS_SCHEMA)
+        contract_failures.extend(f"{export_id}: {failure}" for failure in failures)
         hits += export_hits
         reconciles = reconciles and counts.reconciles
-        if export_hits or not counts.reconciles:
+        if export_hits or failures or not counts.reconciles:
             lake.discard_staged(DELETIONS_TABLE, export_id)
             continue
         lake.publish(DELETIONS_TABLE, export_id)
@@ -215,6 +233,12 @@ def deleted_resource(
         )
 
     yield dg.AssetCheckResult(
+        asset_key=DELETIONS_KEY,
+        check_name=CONTRACT_CHECK,
+        passed=not contract_failures,
+        metadata={"failures": dg.MetadataValue.json(contract_failures)},
+    )
+    yield dg.AssetCheckResult(
         asset_key=DELETIONS_KEY, check_name=LEAK_CHECK, passed=hits == 0, metadata={"hits": hits}
     )
     yield dg.AssetCheckResult(
@@ -228,7 +252,7 @@ def deleted_resource(
             "retractions_with_nothing_published": nothing_to_retract,
         },
     )
-    if hits or not reconciles:
+    if hits or contract_failures or not reconciles:
         raise dg.Failure(
             description=f"{DELETIONS_TABLE}: blocking checks failed; partition(s) not published"
         )

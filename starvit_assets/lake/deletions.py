@@ -51,18 +51,14 @@ import pyarrow.parquet as pq
 from starvit_assets.deid.engine import DeidBackend, content_hash
 from starvit_assets.deid.policy import ColumnRule, Policy, TablePolicy
 from starvit_assets.fhir.client import deleted_references_in_line
-from starvit_assets.lake.contracts import CONTRACTS
-from starvit_assets.lake.filters import HOLD_KINDS
+from starvit_assets.lake.contracts import CONTRACTS, DELETED
+from starvit_assets.lake.contracts import DELETION_REASONS as REASONS
 from starvit_assets.lake.partitions import RawLake
 from starvit_assets.views.runner import shipped_views
 
 DELETIONS_TABLE = "deleted_resource"
 RESOURCE_ID = "resource_id"
 REASON = "reason"
-DELETED = "deleted"
-# Why a resource leaves the warehouse: a deletion, or the kind of hold of the record filter
-# (lake/filters.py; a research opt-out retracts a Patient, so every row naming it).
-REASONS = (DELETED, *HOLD_KINDS)
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 

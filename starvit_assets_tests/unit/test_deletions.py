@@ -279,3 +279,23 @@ def test_an_export_waits_for_every_gate_whose_latest_export_it_is(tmp_path: Path
     lake.publish("observation", "e2")
     assert undecided_tables(settings, lake, "e2") == []
     assert undecided_tables(settings, lake, "e1") == ["procedure"]
+
+
+def test_the_partition_keeps_its_contract_and_an_unknown_reason_breaks_it(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from starvit_assets.lake.contracts import DELETIONS_CONTRACT, validate_file
+
+    side_file = tmp_path / "_retracted.observation.ndjson"
+    write_retractions(side_file, [("Observation", "o-1", "status")])
+    data, _ = _run(tmp_path, [_bundle("Patient/p-1")], [side_file])
+    path = tmp_path / "part.parquet"
+    pq.write_table(data, path)
+    assert validate_file(DELETIONS_CONTRACT, path, DELETIONS_SCHEMA) == []
+    reasons = data.schema.get_field_index("reason")
+    broken = data.set_column(reasons, "reason", pa.array(["deleted", "forgotten"]))
+    pq.write_table(broken, path)
+    assert validate_file(DELETIONS_CONTRACT, path, DELETIONS_SCHEMA) == [
+        "reason: isin(['deleted', 'missing_element', 'research_opt_out', 'security_label', "
+        "'status', 'date_range']) (1 rows)"
+    ]
