@@ -85,11 +85,21 @@ def consent_ledger_path(settings: StarvitSettings) -> Path:
 
 # The manifest's deleted[] lists, as the client names them in the staged export.
 DELETED_FILES_GLOB = "_deleted.*.ndjson"
+# The gate's retractions (lake/deletions.py): plain ids, so they stay in the PHI zone until
+# deid_raw/deleted_resource pseudonymises them with the deleted[] lists.
+RETRACTED_FILES_GLOB = "_retracted.*.ndjson"
+
+
+def retracted_file(settings: StarvitSettings, export_id: str, name: str) -> Path:
+    """The side file where the gate lists what it retracts (``name``: a table, or the
+    research opt-outs every table writes alike)."""
+    return staging_dir(settings, export_id) / RETRACTED_FILES_GLOB.replace("*", name)
 
 
 def remove_export_folder_when_done(settings: StarvitSettings, export_id: str) -> None:
     """Remove an export's staging folder once nothing in it waits for de-identification: no
-    resource NDJSON and no deleted[] list (``deid_raw/deleted_resource`` carries that one)."""
+    resource NDJSON, no deleted[] list and no retraction (``deid_raw/deleted_resource`` carries
+    those)."""
     folder = staging_dir(settings, export_id)
     if not folder.is_dir():
         return
@@ -99,7 +109,11 @@ def remove_export_folder_when_done(settings: StarvitSettings, export_id: str) ->
         for path in folder.glob("*.ndjson")
         if not path.name.startswith("_") and path not in consent_files
     ]
-    if resource_files or any(folder.glob(DELETED_FILES_GLOB)):
+    if (
+        resource_files
+        or any(folder.glob(DELETED_FILES_GLOB))
+        or any(folder.glob(RETRACTED_FILES_GLOB))
+    ):
         return
     # What is left is the export's bookkeeping: manifest.json and the error[] lists.
     for leftover in folder.iterdir():

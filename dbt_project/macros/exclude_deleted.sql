@@ -5,7 +5,7 @@
     gone). A deletion applies to the versions exported up to the export that reported it; a
     version exported later (the id used again after the delete) stays. Deletions come from
     `stg_fhir__deleted_resource`, pseudonymised with the same key and resource type as the ids,
-    so they match.
+    so they match; the gate's retractions are among them, whatever their `reason`.
 -#}
 {% macro exclude_deleted(relation, resource_type, resource_id, patient_id='patient_id') -%}
     select {{ relation }}.*

@@ -6,6 +6,7 @@ NDJSON of that resource type is purged from the PHI zone.
 """
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from starvit_assets.exports import (
     latest_staged_export,
     leak_hashes_path,
     remove_export_folder_when_done,
+    retracted_file,
     staging_dir,
 )
 from starvit_assets.lake.consent import (
@@ -35,7 +37,8 @@ from starvit_assets.lake.consent import (
     read_research_opt_outs,
 )
 from starvit_assets.lake.contracts import CONTRACTS, TableContract, validate_file
-from starvit_assets.lake.filters import FilterError
+from starvit_assets.lake.deletions import write_retractions
+from starvit_assets.lake.filters import RESEARCH_OPT_OUT_KIND, FilterError
 from starvit_assets.lake.gate import (
     GateCounts,
     GateError,
@@ -204,6 +207,12 @@ def build_deid_asset(table: str, view: dict, pool: str | None = None) -> dg.Asse
             opt_outs = read_research_opt_outs(consent_files, export_date)
         except ConsentError as error:
             raise dg.Failure(description=f"{table}: {error}") from None
+        # Every opted-out patient as of this export, not only those with new records: what
+        # earlier exports published of them is retracted (every table writes the same list).
+        write_retractions(
+            retracted_file(settings, export.export_id, RESEARCH_OPT_OUT_KIND),
+            (("Patient", patient, RESEARCH_OPT_OUT_KIND) for patient in sorted(opt_outs.patients)),
+        )
         backend = _backend(platform, policy, export_date)
         gate = build_gate(
             table_name=table,
@@ -229,6 +238,8 @@ def build_deid_asset(table: str, view: dict, pool: str | None = None) -> dg.Asse
 
         counts = result.counts()
         counts.save(lake.staging_dir(table, export.export_id))
+        # Before publishing: deid_raw/deleted_resource waits for this partition, then reads it.
+        write_retractions(retracted_file(settings, export.export_id, table), result.retracted)
         checks = list(
             _check_results(
                 key,
@@ -269,6 +280,9 @@ def build_deid_asset(table: str, view: dict, pool: str | None = None) -> dg.Asse
                 "flattened_by": result.flattened_by,
                 "consent_resources_read": dg.MetadataValue.int(opt_outs.consents_read),
                 "research_opt_out_patients": dg.MetadataValue.int(len(opt_outs.patients)),
+                "retracted_by_reason": dg.MetadataValue.json(
+                    dict(sorted(Counter(kind for _, _, kind in result.retracted).items()))
+                ),
                 "policy_version": policy.version,
                 "path": dg.MetadataValue.path(str(published)),
                 "quarantine_path": dg.MetadataValue.path(
@@ -390,8 +404,8 @@ def _purge_staged(settings: StarvitSettings, export: StagedExport) -> None:
     for path in export.paths(settings):
         path.unlink(missing_ok=True)
     # The export's error lists and its Consent resources (read by every table's
-    # record filter) go with the last type; its deleted[] lists stay until
-    # deid_raw/deleted_resource has carried them across.
+    # record filter) go with the last type; its deleted[] lists and the gates' retractions
+    # stay until deid_raw/deleted_resource has carried them across.
     remove_export_folder_when_done(settings, export.export_id)
 
 

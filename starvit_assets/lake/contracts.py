@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from starvit_assets.lake.filters import HOLD_KINDS
 from starvit_assets.lake.keys import SeenKeys
 
 if TYPE_CHECKING:
@@ -167,6 +168,20 @@ CONTRACTS: dict[str, TableContract] = {
         grain="one row per AllergyIntolerance resource version in an export",
     ),
 }
+
+
+# Why a resource leaves the warehouse (lake/deletions.py): a deleted[] entry, or a retraction by
+# the gate, named after the kind of the record filter's rule that held its new version back.
+DELETED = "deleted"
+DELETION_REASONS = (DELETED, *HOLD_KINDS)
+DELETIONS_CONTRACT = TableContract(
+    "deleted_resource",
+    # Tokens of different types never collide (the type is hashed in), so the id alone is a key.
+    key="resource_id",
+    required=("resource_type", "reason", "export_transaction_time"),
+    allowed={"reason": DELETION_REASONS},
+    grain="one row per deleted or retracted resource in an export",
+)
 
 
 class ContractViolation(Exception):

@@ -66,12 +66,22 @@ class FilterConfig(BaseModel):
 
 SECURITY_LABELS_COLUMN = "security_labels"
 RESEARCH_OPT_OUT = "consent: research opt-out"
+# The kind of each rule, a coarse code (no column, no value) that may cross the gate as the
+# reason of a retraction (lake/deletions.py).
+MISSING_ELEMENT = "missing_element"
+RESEARCH_OPT_OUT_KIND = "research_opt_out"
+SECURITY_LABEL = "security_label"
+STATUS = "status"
+DATE_RANGE = "date_range"
+HOLD_KINDS = (MISSING_ELEMENT, RESEARCH_OPT_OUT_KIND, SECURITY_LABEL, STATUS, DATE_RANGE)
 
 
 @dataclass(frozen=True)
 class FilterOutcome:
     passed: pa.Array  # boolean, one per row
     held_back: Counter[str]
+    # Per row, the kind of the rule that held it back (null where it passed).
+    held_back_as: pa.Array
 
 
 @dataclass(frozen=True)
@@ -107,29 +117,32 @@ class RecordFilter:
     def apply(self, rows: pa.Table) -> FilterOutcome:
         remaining = pa.array([True] * rows.num_rows, pa.bool_())
         held_back: Counter[str] = Counter()
+        kinds = pa.nulls(rows.num_rows, pa.string())
 
-        def hold(reason: str, failing: pa.Array) -> None:
-            nonlocal remaining
+        def hold(reason: str, failing: pa.Array, kind: str) -> None:
+            nonlocal remaining, kinds
             failing = pc.and_(remaining, pc.fill_null(failing, False))
             count = pc.sum(failing).as_py() or 0
             if count:
                 held_back[reason] += count
                 remaining = pc.and_(remaining, pc.invert(failing))
+                kinds = pc.if_else(failing, pa.scalar(kind, pa.string()), kinds)
 
         for column in self.rules.required:
             values = rows.column(column)
             empty = pc.equal(pc.utf8_length(values.cast(pa.string())), 0)
-            hold(f"missing {column}", pc.or_(pc.is_null(values), pc.fill_null(empty, False)))
+            missing = pc.or_(pc.is_null(values), pc.fill_null(empty, False))
+            hold(f"missing {column}", missing, MISSING_ELEMENT)
         if self.consent_column and self.opted_out_patients:
             patients = rows.column(self.consent_column).cast(pa.string())
             opted_out = pa.array(sorted(self.opted_out_patients), pa.string())
-            hold(RESEARCH_OPT_OUT, pc.is_in(patients, value_set=opted_out))
+            hold(RESEARCH_OPT_OUT, pc.is_in(patients, value_set=opted_out), RESEARCH_OPT_OUT_KIND)
         if self.excluded_labels:
             labels = pc.split_pattern(
                 pc.fill_null(rows.column(SECURITY_LABELS_COLUMN).cast(pa.string()), ""), " "
             )
             for label in self.excluded_labels:
-                hold(f"security label {label}", _contains_label(labels, label))
+                hold(f"security label {label}", _contains_label(labels, label), SECURITY_LABEL)
         if self.rules.status:
             status = self.rules.status
             values = rows.column(status.column).cast(pa.string())
@@ -137,20 +150,25 @@ class RecordFilter:
             hold(
                 f"{status.column} not allowed",
                 pc.and_(pc.is_valid(values), pc.invert(allowed)),
+                STATUS,
             )
         if self.rules.dates:
             dates = self.rules.dates
             day = pc.utf8_slice_codeunits(rows.column(dates.column).cast(pa.string()), 0, 10)
             if dates.not_before:
-                hold(f"{dates.column} before {dates.not_before}", pc.less(day, dates.not_before))
+                hold(
+                    f"{dates.column} before {dates.not_before}",
+                    pc.less(day, dates.not_before),
+                    DATE_RANGE,
+                )
             if dates.not_after:
                 bound = (
                     self.export_date.isoformat()
                     if dates.not_after == EXPORT_DATE
                     else dates.not_after
                 )
-                hold(f"{dates.column} after {dates.not_after}", pc.greater(day, bound))
-        return FilterOutcome(passed=remaining, held_back=held_back)
+                hold(f"{dates.column} after {dates.not_after}", pc.greater(day, bound), DATE_RANGE)
+        return FilterOutcome(passed=remaining, held_back=held_back, held_back_as=kinds)
 
 
 def _contains_label(labels: pa.Array, label: str) -> pa.Array:

@@ -8,6 +8,13 @@ contract happen here, in memory. Every input line ends in exactly one place:
 - every flattened row is published, quarantined with a reason, or held back by the record
   filter and counted by reason.
 
+A record held back for what it now is (its status, a security label, a date out of range, a
+missing element) is also returned, as its resource type, id and the kind of hold
+(``GateResult.retracted``), for the PHI zone only: the id is in the clear, so it crosses only
+as a pseudonymised retraction (lake/deletions.py), which takes an earlier published version of
+the resource out of the warehouse. A record held back by a research opt-out is not listed: the
+opt-out retracts the whole patient.
+
 Only the returned tables, which hold de-identified columns and lineage, may be written to the
 lake; reasons name columns and rules, never values.
 """
@@ -42,7 +49,14 @@ from starvit_assets.lake.contracts import (
     TableContract,
     row_violations,
 )
-from starvit_assets.lake.filters import FilterConfig, RecordFilter, load_filters, record_filter
+from starvit_assets.lake.filters import (
+    RESEARCH_OPT_OUT_KIND,
+    FilterConfig,
+    FilterOutcome,
+    RecordFilter,
+    load_filters,
+    record_filter,
+)
 from starvit_assets.lake.keys import SeenKeys
 from starvit_assets.views.runner import CompiledView, ViewDefinitionError, compile_view
 from starvit_assets.views.vectorized import VectorizedView, compile_vectorized
@@ -128,6 +142,8 @@ class GateResult:
     held_back: dict[str, int]
     quarantine_reasons: dict[str, int]
     flattened_by: str
+    # (resource type, id in the clear, kind of hold): PHI zone only, never saved with the counts.
+    retracted: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def table(self) -> pa.Table:
@@ -329,6 +345,7 @@ class Gate:
             schema=scratch_schema,
         )
         held_back: Counter[str] = Counter()
+        retracted: list[tuple[str, str, str]] = []
         quarantine_reasons: Counter[str] = Counter()
         seen_keys = SeenKeys()
         resources_read = resources_with_rows = resources_without_rows = 0
@@ -347,6 +364,10 @@ class Gate:
                 resources_without_rows += outcome.resources_without_rows
                 rows_flattened += outcome.rows_flattened
                 held_back.update(outcome.held_back)
+                retracted.extend(
+                    (self.compiled.resource_type, resource_id, kind)
+                    for resource_id, kind in outcome.retracted
+                )
                 if outcome.line_quarantine is not None:
                     lines_quarantined += outcome.line_quarantine.num_rows
                     quarantine_reasons.update(
@@ -394,6 +415,7 @@ class Gate:
             held_back=dict(sorted(held_back.items())),
             quarantine_reasons=dict(sorted(quarantine_reasons.items())),
             flattened_by="vectorized" if first_pass.vectorized is not None else "general",
+            retracted=tuple(retracted),
         )
 
     def _first_pass(self, chunk: _Chunk, job: _FirstPass) -> _ChunkOutcome:
@@ -425,8 +447,27 @@ class Gate:
             resources_without_rows=len(lines) - len(problem_lines) - with_rows,
             rows_flattened=flat.table.num_rows,
             held_back=outcome.held_back,
+            retracted=self._retracted(flat.table, outcome),
             rows=batch,
             line_quarantine=line_quarantine,
+        )
+
+    def _retracted(self, rows: pa.Table, outcome: FilterOutcome) -> list[tuple[str, str]]:
+        """(id, kind of hold) of the held-back rows that retract their resource: every kind but
+        a research opt-out (its Patient is retracted instead), and only rows with an id."""
+        if not outcome.held_back:
+            return []
+        ids = rows.column(self.contract.key).cast(pa.string())
+        listed = pc.and_(
+            pc.fill_null(pc.not_equal(outcome.held_back_as, RESEARCH_OPT_OUT_KIND), False),
+            pc.fill_null(pc.greater(pc.utf8_length(ids), 0), False),
+        )
+        return list(
+            zip(
+                pc.filter(ids, listed).to_pylist(),
+                pc.filter(outcome.held_back_as, listed).to_pylist(),
+                strict=True,
+            )
         )
 
     def _flatten(self, lines: _Lines, vectorized: VectorizedView | None) -> _Flattened:
@@ -576,6 +617,7 @@ class _ChunkOutcome:
     resources_without_rows: int
     rows_flattened: int
     held_back: Counter[str]
+    retracted: list[tuple[str, str]]  # (id in the clear, kind of hold): stays in the PHI zone
     # De-identified rows with lineage and the reason found so far (malformed dates).
     rows: pa.Table
     line_quarantine: pa.Table | None

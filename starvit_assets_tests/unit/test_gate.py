@@ -97,6 +97,13 @@ def test_every_bad_line_is_quarantined_with_its_reason_and_counts_reconcile(
         "security label R": 1,
         "status not allowed": 1,
     }
+    # Each held-back record is listed for retraction (PHI zone: plain id), by kind of hold.
+    assert sorted(result.retracted) == [
+        ("Observation", "cancelled", "status"),
+        ("Observation", "future", "date_range"),
+        ("Observation", "no-subject", "missing_element"),
+        ("Observation", "restricted", "security_label"),
+    ]
     assert result.resources_read == 9
     assert result.lines_quarantined == 2
     assert result.rows_quarantined == 2
@@ -215,7 +222,38 @@ def test_worker_processes_give_the_same_partition_in_the_same_order(
     )
     assert parallel.quarantine_reasons["observation_id: duplicate key"] == 37 - 11
     assert parallel.held_back == {"status not allowed": 1}
+    assert parallel.retracted == alone.retracted == (("Observation", "cancelled", "status"),)
     assert parallel.reconciles()
+
+
+def test_an_opted_out_patients_records_are_not_listed_one_by_one(tmp_path: Path) -> None:
+    # The opt-out retracts the Patient (every row naming it); only a hold of the record itself
+    # lists the record.
+    source = tmp_path / "Observation.ndjson"
+    lines = [
+        observation("mine", subject={"reference": "Patient/opted-out"}),
+        observation("mine-too", subject={"reference": "Patient/opted-out"}, status="cancelled"),
+        observation("theirs", status="entered-in-error"),
+        observation("kept"),
+    ]
+    source.write_bytes(b"\n".join(encode(line) for line in lines) + b"\n")
+    policy = load_policy()
+    gate = build_gate(
+        table_name="observation",
+        view=shipped_views()["observation"],
+        backend=LocalDeidEngine(KEY, policy, reference_date=EXPORT_DATE),
+        policy=policy,
+        key=KEY,
+        export_date=EXPORT_DATE,
+        research_opt_outs=frozenset({"opted-out"}),
+    )
+    result = gate.run([source], "e1", tmp_path / "out.parquet", tmp_path / "q.parquet")
+    assert result.held_back == {"consent: research opt-out": 2, "status not allowed": 1}
+    assert result.retracted == (("Observation", "theirs", "status"),)
+    # The counts saved beside the partition (research zone) name no id.
+    result.counts().save(tmp_path)
+    saved = (tmp_path / "gate-counts.json").read_text()
+    assert "theirs" not in saved and "opted-out" not in saved
 
 
 def test_source_lines_count_blank_lines_and_crlf(tmp_path: Path) -> None:

@@ -14,6 +14,10 @@ renamed as (
         resource_type,
         resource_id,
 
+        ---------- attributes
+        -- partitions published before retractions existed hold deletions only
+        coalesce(reason, 'deleted') as reason,
+
         ---------- timestamps
         {{ fhir_datetime_start('export_transaction_time') }} as deleted_by_export_at,
 
