@@ -21,6 +21,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +30,7 @@ from psycopg import sql
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from starvit_assets.exports import DELETED_FILES_GLOB, RETRACTED_FILES_GLOB
 from starvit_assets.lake.partitions import LAYER, QUARANTINE_LAYER, PartitionError, RawLake
 
 PHI_MAX_AGE_DAYS_LIMIT = 7
@@ -136,6 +138,10 @@ def resource_type_of(file_name: str) -> str | None:
     if file_name.startswith("_") or not file_name.endswith(".ndjson"):
         return None
     return file_name.split(".", 1)[0] or None
+
+
+def _awaits_deletions_asset(file_name: str) -> bool:
+    return fnmatch(file_name, DELETED_FILES_GLOB) or fnmatch(file_name, RETRACTED_FILES_GLOB)
 
 
 def deidentified_in_lake(
@@ -278,9 +284,13 @@ def _purge_deidentified(
             result.bytes_deleted += size
         else:
             remaining.append(path)
-    # The export's error and deleted lists serve no purpose once every type is de-identified;
-    # the same rule as the gate's own purge.
-    if remaining and any(resource_type_of(path.name) for path in remaining):
+    # The export's error list serves no purpose once every type is de-identified; its deleted[]
+    # and retraction lists wait for deid_raw/deleted_resource, which removes them and then the
+    # folder (``exports.remove_export_folder_when_done``, the gate's own rule). Only the age
+    # rule takes them earlier.
+    if remaining and any(
+        resource_type_of(path.name) or _awaits_deletions_asset(path.name) for path in remaining
+    ):
         result.files_kept += len(remaining)
         return
     _remove_folder(folder, remaining, result, dry_run=dry_run, expired=False)

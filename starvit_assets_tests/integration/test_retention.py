@@ -135,6 +135,31 @@ def test_deidentified_types_are_purged_before_the_age_limit(tmp_path: Path) -> N
     assert second.folders_deleted == 1
 
 
+@pytest.mark.parametrize("waiting_list", ["_deleted.1.ndjson", "_retracted.observation.ndjson"])
+def test_deletions_and_retractions_wait_for_the_deletions_asset(
+    tmp_path: Path, waiting_list: str
+) -> None:
+    staging = tmp_path / "phi" / "staging"
+    lake_root = tmp_path / "lake"
+    export_id = "20250614T000000Z"
+    folder = staging / export_id
+    patient = _touch(folder / "Patient.ndjson", age=DAY)
+    waiting = _touch(folder / waiting_list, age=DAY)
+    errors = _touch(folder / "_error.1.ndjson", age=DAY)
+    _publish(lake_root, "patient", export_id)
+    predicate = deidentified_in_lake(RawLake(lake_root), TABLES)
+
+    result = purge_phi_staging(staging, max_age=WEEK, now=NOW, is_deidentified=predicate)
+    # Every type is de-identified, but deid_raw/deleted_resource has not read the list yet.
+    assert not patient.exists()
+    assert waiting.exists() and errors.exists()
+    assert result.folders_deleted == 0
+
+    expired = purge_phi_staging(staging, max_age=WEEK, now=NOW + 8 * DAY, is_deidentified=predicate)
+    assert not folder.exists()
+    assert expired.expired_files_deleted == 2
+
+
 def test_symlinks_are_not_followed(tmp_path: Path) -> None:
     outside = _touch(tmp_path / "outside" / "keep.txt", age=30 * DAY)
     staging = tmp_path / "staging"
