@@ -45,8 +45,6 @@ def cmd_fhir_synth(args: argparse.Namespace) -> int:
         if not 0.0 <= rate <= 1.0:
             raise CliError(f"{flag} must be between 0 and 1 (a share), not {rate}")
     fault_rates = _fault_rates(args.fault) if args.fault else None
-    if fault_rates is not None and args.fault_rate:
-        raise CliError("give --fault-rate or --fault KIND=RATE, not both")
     try:
         counts = generate(
             Path(args.out),
