@@ -90,7 +90,8 @@ VARIATIONS = (
 )
 # How a source other than DEFAULT_SOURCE records a person it shares with it: as is, or varied.
 CROSS_SOURCE_VARIATION_RATE = 0.5
-# 0.0 until ensure_source_data asks for no duplicate persons: the e2e counts patients exactly.
+# No fault unless asked: the demo and the e2e plant only the kinds of demo.DEMO_FAULT_RATES
+# (through fault_rates), whose effect on the counts the e2e knows from the truth files.
 DEFAULT_FAULT_RATE = 0.0
 EXPORT_EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 _EPOCH_SECONDS = int(EXPORT_EPOCH.timestamp())
