@@ -37,7 +37,11 @@ def observation(identifier: str, **changes: Any) -> dict[str, Any]:
 
 
 def run(
-    tmp_path: Path, lines: list[bytes], table: str = "observation", workers: int = 1
+    tmp_path: Path,
+    lines: list[bytes],
+    table: str = "observation",
+    workers: int = 1,
+    research_opt_outs: frozenset[str] = frozenset(),
 ) -> GateResult:
     source = tmp_path / "Observation.ndjson"
     source.write_bytes(b"\n".join(lines) + b"\n")
@@ -50,6 +54,7 @@ def run(
         key=KEY,
         export_date=EXPORT_DATE,
         workers=workers,
+        research_opt_outs=research_opt_outs,
     )
     return gate.run([source], "export-1", tmp_path / "out.parquet", tmp_path / "quarantine.parquet")
 
@@ -229,25 +234,15 @@ def test_worker_processes_give_the_same_partition_in_the_same_order(
 def test_an_opted_out_patients_records_are_not_listed_one_by_one(tmp_path: Path) -> None:
     # The opt-out retracts the Patient (every row naming it); only a hold of the record itself
     # lists the record.
-    source = tmp_path / "Observation.ndjson"
     lines = [
         observation("mine", subject={"reference": "Patient/opted-out"}),
         observation("mine-too", subject={"reference": "Patient/opted-out"}, status="cancelled"),
         observation("theirs", status="entered-in-error"),
         observation("kept"),
     ]
-    source.write_bytes(b"\n".join(encode(line) for line in lines) + b"\n")
-    policy = load_policy()
-    gate = build_gate(
-        table_name="observation",
-        view=shipped_views()["observation"],
-        backend=LocalDeidEngine(KEY, policy, reference_date=EXPORT_DATE),
-        policy=policy,
-        key=KEY,
-        export_date=EXPORT_DATE,
-        research_opt_outs=frozenset({"opted-out"}),
+    result = run(
+        tmp_path, [encode(line) for line in lines], research_opt_outs=frozenset({"opted-out"})
     )
-    result = gate.run([source], "e1", tmp_path / "out.parquet", tmp_path / "q.parquet")
     assert result.held_back == {"consent: research opt-out": 2, "status not allowed": 1}
     assert result.retracted == (("Observation", "theirs", "status"),)
     # The counts saved beside the partition (research zone) name no id.
